@@ -1,0 +1,501 @@
+"""Read one LAMOST low-resolution spectrum, whatever its data-release layout.
+
+Three layouts occur (see ``../shared/data/real/README.txt``):
+
+``dr1_image``
+    Original DR1 (pipeline v2.6.x): a float32 primary image of shape (5, NAXIS1) with rows
+    flux, inverse variance, *subcontinuum*, andmask, ormask. There is no wavelength row:
+    ``wavelength = 10**(COEFF0 + COEFF1 * i)``. SNR keywords are ``SN_U`` .. ``SN_Z``.
+``image``
+    DR5-DR8 re-reductions: the same 5-row image, but row 2 is the vacuum wavelength (A).
+    SNR keywords are ``SNRU`` .. ``SNRZ``; ``OBSID`` and ``DATA_V`` are present.
+``coadd_table``
+    DR9 and later: an empty primary HDU carrying the header and a binary table ``COADD``
+    with one row of array columns ``FLUX``, ``IVAR``, ``WAVELENGTH``, ``ANDMASK``,
+    ``ORMASK`` (and ``NORMALIZATION``).
+
+:func:`read_lamost_spectrum` returns the arrays on the file's own (observed-frame,
+vacuum, heliocentric) wavelength grid together with normalised metadata, or raises
+:class:`LamostReadError` naming the file and the reason. It never lets a low-level
+exception (astropy, zlib, numpy) escape for a bad file.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import re
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+__all__ = [
+    "LamostReadError",
+    "LamostSpectrum",
+    "read_lamost_spectrum",
+    "make_spectrum_id",
+    "normalize_subclass",
+    "normalize_data_release",
+    "parse_spectrum_filename",
+    "LAYOUTS",
+]
+
+LAYOUTS = ("dr1_image", "image", "coadd_table")
+
+#: Sentinel values LAMOST uses for a missing number.
+_MISSING_SENTINELS = (-9999.0, -999.0, -99.0)
+
+_FITS_MAGIC = b"SIMPLE  ="
+_GZIP_MAGIC = b"\x1f\x8b"
+
+_SNR_KEYS = {
+    "snr_u": ("SNRU", "SN_U"),
+    "snr_g": ("SNRG", "SN_G"),
+    "snr_r": ("SNRR", "SN_R"),
+    "snr_i": ("SNRI", "SN_I"),
+    "snr_z": ("SNRZ", "SN_Z"),
+}
+
+_FILENAME_RE = re.compile(
+    r"^spec-(?P<lmjd>\d+)-(?P<planid>.+?)_sp(?P<spid>\d+)-(?P<fiberid>\d+)"
+)
+
+#: Largest relative difference between a stored wavelength row and the header's log-linear
+#: solution for which the (exact) header solution is used instead of the float32 row.
+_WAVELENGTH_ROW_RTOL = 1e-5
+
+#: Upper limit of a plausible pixel count; larger NAXIS values are treated as corrupt.
+MAX_PIXELS = 100_000
+
+
+class LamostReadError(ValueError):
+    """A file that is not a readable LAMOST low-resolution spectrum.
+
+    Parameters
+    ----------
+    path : str
+        The offending file.
+    reason : str
+        A short, human-readable reason (also available as ``.reason``).
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class LamostSpectrum:
+    """One LAMOST low-resolution spectrum on its native grid.
+
+    Attributes
+    ----------
+    wavelength : numpy.ndarray
+        Observed-frame vacuum wavelength of each pixel, Angstrom, float64, increasing.
+    flux : numpy.ndarray
+        Flux, relative flux calibration (arbitrary units), float32.
+    ivar : numpy.ndarray
+        Inverse variance of ``flux`` (flux units^-2), float32; 0 marks a bad pixel.
+    andmask, ormask : numpy.ndarray
+        LAMOST pixel mask bits (uint16): 1 BADCCD, 2 BADPROFILE, 4 NOSKY, 8 BRIGHTSKY,
+        16 BADCENTER, 32 NODATA.
+    meta : dict
+        Normalised metadata; see :func:`read_lamost_spectrum` for the keys.
+    """
+
+    wavelength: np.ndarray
+    flux: np.ndarray
+    ivar: np.ndarray
+    andmask: np.ndarray
+    ormask: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spectrum_id(self) -> str:
+        """Stable id of the observation (see :func:`make_spectrum_id`)."""
+        return self.meta["spectrum_id"]
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def make_spectrum_id(lmjd: int, planid: str, spid: int, fiberid: int) -> str:
+    """Stable identifier of one LAMOST observation.
+
+    The same exposure set re-reduced in DR1, DR7 or DR9 keeps its local MJD, plan,
+    spectrograph and fiber, so the id is identical across releases (``OBSID`` is absent
+    from original DR1 files and cannot serve). The format follows LAMOST file names,
+    e.g. ``55859-F5902_sp01-001``.
+
+    Parameters
+    ----------
+    lmjd : int
+        Local modified Julian day (days).
+    planid : str
+        Observing plan id.
+    spid : int
+        Spectrograph number (1-16).
+    fiberid : int
+        Fiber number (1-250).
+
+    Returns
+    -------
+    str
+    """
+    planid = str(planid).strip()
+    if not planid or any(c in planid for c in "/\\ \t\n"):
+        raise ValueError(f"invalid PLANID {planid!r}")
+    lmjd, spid, fiberid = int(lmjd), int(spid), int(fiberid)
+    if lmjd <= 0 or spid < 0 or fiberid < 0:
+        raise ValueError(f"invalid LMJD/SPID/FIBERID {lmjd}/{spid}/{fiberid}")
+    return f"{lmjd}-{planid}_sp{spid:02d}-{fiberid:03d}"
+
+
+def parse_spectrum_filename(name: str) -> dict[str, Any] | None:
+    """Parse ``spec-LMJD-PLANID_spSS-FFF...`` into its parts, or return None."""
+    match = _FILENAME_RE.match(os.path.basename(name))
+    if not match:
+        return None
+    return {
+        "lmjd": int(match["lmjd"]),
+        "planid": match["planid"],
+        "spid": int(match["spid"]),
+        "fiberid": int(match["fiberid"]),
+    }
+
+
+_SUBCLASS_DWARF_PREFIX = re.compile(r"^d(?=[OBAFGKML]\d?)")
+
+
+def normalize_subclass(value: Any) -> str:
+    """Normalise a LAMOST ``SUBCLASS`` value.
+
+    Strips blanks and the dwarf prefix later releases write (``'dM5'`` -> ``'M5'``,
+    ``'dK7'`` -> ``'K7'``); other values (``'K7'``, ``'sdM1'``, ``'Non'``) are kept.
+    Missing values give ``''``.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = str(value).strip()
+    return _SUBCLASS_DWARF_PREFIX.sub("", text)
+
+
+_RELEASE_RE = re.compile(r"\bDR\s*(\d+)", re.IGNORECASE)
+
+
+def normalize_data_release(data_v: Any, layout: str) -> str:
+    """Data release name such as ``'DR9'``.
+
+    Parameters
+    ----------
+    data_v : str or None
+        The ``DATA_V`` keyword (e.g. ``'LAMOST DR7'``, ``'LAMOST DR9 v1.0'``).
+    layout : str
+        The detected layout; original DR1 files have no ``DATA_V`` and give ``'DR1'``.
+    """
+    if data_v is not None:
+        match = _RELEASE_RE.search(str(data_v))
+        if match:
+            return f"DR{int(match.group(1))}"
+    if layout == "dr1_image":
+        return "DR1"
+    return "unknown"
+
+
+def _clean_float(value: Any) -> float:
+    """A header number as float; sentinels, blanks and non-numbers become NaN."""
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    if not math.isfinite(number) or number in _MISSING_SENTINELS:
+        return math.nan
+    return number
+
+
+def _clean_int(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or number != int(number):
+        return None
+    return int(number)
+
+
+def _clean_str(value: Any) -> str:
+    if value is None:
+        return ""
+    return str(value).strip()
+
+
+def _first_present(header: fits.Header, names: tuple[str, ...]) -> Any:
+    for name in names:
+        if name in header:
+            return header[name]
+    return None
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def _check_magic(path: Path) -> None:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError as exc:
+        raise LamostReadError(path, f"cannot open file ({exc.strerror or exc})") from None
+    if not head:
+        raise LamostReadError(path, "empty file")
+    if head[:2] == _GZIP_MAGIC:
+        try:
+            with gzip.open(path, "rb") as handle:
+                head = handle.read(9)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LamostReadError(path, f"corrupt gzip stream ({exc})") from None
+    if head != _FITS_MAGIC:
+        raise LamostReadError(path, "not a FITS file (no 'SIMPLE  =' card at the start)")
+
+
+def _as_1d(array: Any, name: str, path: Path) -> np.ndarray:
+    out = np.asarray(array)
+    if out.ndim != 1:
+        out = out.reshape(-1)
+    if out.size == 0:
+        raise LamostReadError(path, f"{name} is empty")
+    return out
+
+
+def _read_image(hdu: fits.ImageHDU | fits.PrimaryHDU, path: Path) -> tuple[str, dict[str, np.ndarray]]:
+    header = hdu.header
+    naxis = header.get("NAXIS", 0)
+    if naxis != 2:
+        raise LamostReadError(path, f"primary image has NAXIS={naxis}; expected a (rows, pixels) image")
+    n_pix, n_rows = header.get("NAXIS1"), header.get("NAXIS2")
+    if not isinstance(n_pix, int) or not isinstance(n_rows, int) or not 0 < n_pix <= MAX_PIXELS:
+        raise LamostReadError(path, f"implausible image size NAXIS1={n_pix!r} NAXIS2={n_rows!r}")
+    if n_rows < 2:
+        raise LamostReadError(path, f"image has {n_rows} row(s); flux and inverse variance rows are required")
+    data = np.asarray(hdu.data)
+    if data.shape != (n_rows, n_pix):
+        raise LamostReadError(path, f"image data shape {data.shape} does not match NAXIS2 x NAXIS1 = {(n_rows, n_pix)}")
+    exten0 = _clean_str(header.get("EXTEN0")).lower()
+    has_wavelength_row = "wavelength" in exten0
+    if not exten0 and n_rows >= 3:
+        # No row description: row 2 is a wavelength only if it looks like one.
+        row = data[2].astype(np.float64)
+        has_wavelength_row = bool(np.all(np.isfinite(row)) and np.all(np.diff(row) > 0) and 2000 < row[0] < 12000)
+    rows: dict[str, np.ndarray] = {"flux": data[0], "ivar": data[1]}
+    if has_wavelength_row:
+        if n_rows < 3:
+            raise LamostReadError(path, "EXTEN0 announces a wavelength row but the image has fewer than 3 rows")
+        rows["wavelength"] = data[2]
+    if n_rows >= 5:
+        rows["andmask"], rows["ormask"] = data[3], data[4]
+    layout = "image" if has_wavelength_row else "dr1_image"
+    return layout, rows
+
+
+def _read_coadd(hdu: fits.BinTableHDU, path: Path) -> dict[str, np.ndarray]:
+    names = {name.upper(): name for name in hdu.columns.names}
+    missing = [col for col in ("FLUX", "IVAR") if col not in names]
+    if missing:
+        raise LamostReadError(path, f"COADD table has no {'/'.join(missing)} column")
+    table = hdu.data
+    if table is None or len(table) < 1:
+        raise LamostReadError(path, "COADD table has no rows")
+    if len(table) > 1:
+        raise LamostReadError(path, f"COADD table has {len(table)} rows; expected one spectrum")
+    rows = {"flux": table[names["FLUX"]][0], "ivar": table[names["IVAR"]][0]}
+    for col, key in (("WAVELENGTH", "wavelength"), ("ANDMASK", "andmask"), ("ORMASK", "ormask")):
+        if col in names:
+            rows[key] = table[names[col]][0]
+    return rows
+
+
+def _log_linear_wavelength(header: fits.Header, n_pix: int, path: Path) -> tuple[np.ndarray, float, float]:
+    coeff0 = _clean_float(_first_present(header, ("COEFF0", "CRVAL1")))
+    coeff1 = _clean_float(_first_present(header, ("COEFF1", "CD1_1")))
+    if not (math.isfinite(coeff0) and math.isfinite(coeff1)) or not (3.0 < coeff0 < 4.5 and 0 < coeff1 < 1e-2):
+        raise LamostReadError(path, f"no usable log-linear wavelength solution (COEFF0={coeff0}, COEFF1={coeff1})")
+    return 10.0 ** (coeff0 + coeff1 * np.arange(n_pix, dtype=np.float64)), coeff0, coeff1
+
+
+def _mask_bits(values: np.ndarray | None, n_pix: int) -> np.ndarray:
+    if values is None:
+        return np.zeros(n_pix, dtype=np.uint16)
+    clean = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(np.rint(clean), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
+def _is_medium_resolution(path: Path, hdul: fits.HDUList) -> bool:
+    names = {hdu.name.upper() for hdu in hdul}
+    return (
+        os.path.basename(path).lower().startswith("med-")
+        or bool(names & {"COADD_B", "COADD_R"})
+        or any(name.startswith(("B-", "R-")) for name in names)
+    )
+
+
+def read_lamost_spectrum(path: str | os.PathLike) -> LamostSpectrum:
+    """Read a LAMOST low-resolution spectrum (``.fits`` or ``.fits.gz``).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file.
+
+    Returns
+    -------
+    LamostSpectrum
+        Arrays on the file's native grid (observed frame, vacuum, Angstrom) and ``meta``
+        with keys: ``spectrum_id`` (str, stable across releases), ``obsid`` (int, -1 if
+        absent), ``designation``, ``ra``, ``dec`` (deg, J2000), ``z``, ``z_err`` (NaN when
+        missing), ``snr_u`` .. ``snr_z``, ``snr_lambda`` (their sum; NaN if any is
+        missing), ``class``, ``subclass`` (``'dM5'`` -> ``'M5'``), ``data_release``
+        (``'DR1'``, ``'DR7'``, ...), ``layout`` (one of :data:`LAYOUTS`), ``lmjd``,
+        ``planid``, ``spid``, ``fiberid``, ``coeff0``, ``coeff1``, ``n_pixels``,
+        ``source_path`` (absolute path).
+
+    Raises
+    ------
+    LamostReadError
+        For a missing, empty, non-FITS, truncated or corrupt file, a medium-resolution
+        file, a file without flux and inverse variance, inconsistent array sizes, or
+        missing identifying keywords. The message names the file and the reason.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LamostReadError(path, "no such file")
+    _check_magic(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*(non-ASCII|invalid|verify|keyword).*")
+            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                return _read_open_file(path, hdul)
+    except LamostReadError:
+        raise
+    except Warning as exc:  # astropy's "file may have been truncated" and friends
+        raise LamostReadError(path, f"corrupt or truncated FITS file ({exc})") from None
+    except (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError, KeyError, MemoryError, OverflowError) as exc:
+        raise LamostReadError(path, f"corrupt or truncated FITS file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_open_file(path: Path, hdul: fits.HDUList) -> LamostSpectrum:
+    if len(hdul) == 0:
+        raise LamostReadError(path, "no HDU in file")
+    if _is_medium_resolution(path, hdul):
+        raise LamostReadError(
+            path, "medium-resolution LAMOST file (COADD_B/COADD_R); only low-resolution spectra are supported"
+        )
+    header = hdul[0].header
+    coadd = next((hdu for hdu in hdul[1:] if isinstance(hdu, fits.BinTableHDU) and hdu.name.upper() == "COADD"), None)
+    if coadd is not None:
+        layout, rows = "coadd_table", _read_coadd(coadd, path)
+    elif hdul[0].header.get("NAXIS", 0) == 2:
+        layout, rows = _read_image(hdul[0], path)
+    else:
+        raise LamostReadError(path, "no flux/inverse-variance data: neither a 2-D primary image nor a COADD table")
+
+    flux = _as_1d(rows["flux"], "flux", path).astype(np.float32)
+    ivar = _as_1d(rows["ivar"], "ivar", path).astype(np.float32)
+    n_pix = flux.size
+    if ivar.size != n_pix:
+        raise LamostReadError(path, f"flux has {n_pix} pixels but ivar has {ivar.size}")
+    if n_pix > MAX_PIXELS:
+        raise LamostReadError(path, f"implausible pixel count {n_pix}")
+
+    coeff0 = _clean_float(header.get("COEFF0"))
+    coeff1 = _clean_float(header.get("COEFF1"))
+    if "wavelength" in rows:
+        wavelength = _as_1d(rows["wavelength"], "wavelength", path).astype(np.float64)
+        if wavelength.size != n_pix:
+            raise LamostReadError(path, f"wavelength has {wavelength.size} pixels but flux has {n_pix}")
+        # The stored row is the log-linear solution rounded to float32: use the exact
+        # solution when the header's coefficients reproduce the row.
+        if math.isfinite(coeff0) and math.isfinite(coeff1) and 0 < coeff1 < 1e-2:
+            exact = 10.0 ** (coeff0 + coeff1 * np.arange(n_pix, dtype=np.float64))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                deviation = np.nanmax(np.abs(wavelength / exact - 1.0))
+            if deviation < _WAVELENGTH_ROW_RTOL:
+                wavelength = exact
+    else:
+        wavelength, coeff0, coeff1 = _log_linear_wavelength(header, n_pix, path)
+    if not np.all(np.isfinite(wavelength)) or not np.all(np.diff(wavelength) > 0):
+        raise LamostReadError(path, "wavelength array is not finite and strictly increasing")
+    if not (1000.0 < wavelength[0] < 20000.0):
+        raise LamostReadError(path, f"implausible first wavelength {wavelength[0]:.6g} A")
+
+    meta = _normalize_metadata(path, header, layout)
+    meta.update(coeff0=coeff0, coeff1=coeff1, n_pixels=int(n_pix))
+    return LamostSpectrum(
+        wavelength=wavelength,
+        flux=flux,
+        ivar=ivar,
+        andmask=_mask_bits(rows.get("andmask"), n_pix),
+        ormask=_mask_bits(rows.get("ormask"), n_pix),
+        meta=meta,
+    )
+
+
+def _normalize_metadata(path: Path, header: fits.Header, layout: str) -> dict[str, Any]:
+    from_name = parse_spectrum_filename(path.name) or {}
+    ident: dict[str, Any] = {}
+    for key, header_key in (("lmjd", "LMJD"), ("spid", "SPID"), ("fiberid", "FIBERID")):
+        value = _clean_int(header.get(header_key))
+        ident[key] = value if value is not None else from_name.get(key)
+    planid = _clean_str(header.get("PLANID")) or from_name.get("planid", "")
+    ident["planid"] = planid
+    missing = [key.upper() for key, value in ident.items() if value in (None, "")]
+    if missing:
+        raise LamostReadError(
+            path, f"missing keyword(s) {', '.join(missing)} needed for the spectrum id (and not in the file name)"
+        )
+    try:
+        spectrum_id = make_spectrum_id(ident["lmjd"], ident["planid"], ident["spid"], ident["fiberid"])
+    except ValueError as exc:
+        raise LamostReadError(path, f"cannot build the spectrum id: {exc}") from None
+
+    ra, dec = _clean_float(header.get("RA")), _clean_float(header.get("DEC"))
+    if not (math.isfinite(ra) and math.isfinite(dec)) or not (0 <= ra <= 360 and -90 <= dec <= 90):
+        raise LamostReadError(path, f"missing or invalid RA/DEC ({header.get('RA')!r}, {header.get('DEC')!r})")
+
+    snr = {key: _clean_float(_first_present(header, names)) for key, names in _SNR_KEYS.items()}
+    snr = {key: (value if value >= 0 else math.nan) for key, value in snr.items()}
+    snr_lambda = math.fsum(snr.values()) if all(math.isfinite(v) for v in snr.values()) else math.nan
+
+    obsid = _clean_int(header.get("OBSID"))
+    z = _clean_float(header.get("Z"))
+    z_err = _clean_float(header.get("Z_ERR")) if math.isfinite(z) else math.nan
+    designation = _clean_str(_first_present(header, ("DESIG", "DESIGNAT")))
+    return {
+        "spectrum_id": spectrum_id,
+        "obsid": obsid if obsid is not None and obsid >= 0 else -1,
+        "designation": designation,
+        "ra": ra,
+        "dec": dec,
+        "z": z,
+        "z_err": z_err,
+        **snr,
+        "snr_lambda": snr_lambda,
+        "class": _clean_str(header.get("CLASS")),
+        "subclass": normalize_subclass(header.get("SUBCLASS")),
+        "data_release": normalize_data_release(header.get("DATA_V"), layout),
+        "layout": layout,
+        "lmjd": ident["lmjd"],
+        "planid": ident["planid"],
+        "spid": ident["spid"],
+        "fiberid": ident["fiberid"],
+        "source_path": str(path.resolve()),
+    }

@@ -17,3 +17,31 @@ def real_lamost_dir() -> Path:
     if not REAL_LAMOST.is_dir():
         pytest.skip(f"real LAMOST files not found at {REAL_LAMOST} (../shared is not beside the checkout)")
     return REAL_LAMOST
+
+
+def clone_real_spectra(src: Path, outdir: Path, n: int, start_fiber: int = 1) -> list[Path]:
+    """Write ``n`` copies of a real LAMOST file as distinct observations (new FIBERID/LMJD).
+
+    Used to build ingest fixtures of any size without the simulator; each clone's flux
+    is scaled so the copies differ.
+    """
+    from astropy.io import fits
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    with fits.open(src) as hdul:
+        header = hdul[0].header.copy()
+        data = hdul[0].data.copy()
+    paths = []
+    for k in range(n):
+        fiber = start_fiber + k
+        lmjd = int(header["LMJD"]) + fiber // 250
+        fiber = fiber % 250 + 1
+        head = header.copy()
+        head["FIBERID"], head["LMJD"] = fiber, lmjd
+        arr = data.copy()
+        arr[0] = arr[0] * (1.0 + 0.001 * k)
+        name = f"spec-{lmjd}-{head['PLANID'].strip()}_sp{int(head['SPID']):02d}-{fiber:03d}.fits"
+        path = outdir / name
+        fits.PrimaryHDU(data=arr, header=head).writeto(path, overwrite=True)
+        paths.append(path)
+    return paths

@@ -44,6 +44,7 @@ __all__ = [
     "SurveyStoreWriter",
     "open_survey_store",
     "default_chunk_stars",
+    "as_object_strings",
 ]
 
 STORE_FORMAT = "lamost_mdwarf.survey_store"
@@ -203,7 +204,21 @@ def open_survey_store(url: str | os.PathLike, chunks: dict | None = None) -> xr.
         ds = xr.merge(parts, compat="override", combine_attrs="override")
     ds = ds.isel(star=slice(0, n_star), file=slice(0, n_file)) if "file" in ds.dims else ds.isel(star=slice(0, n_star))
     ds.attrs = attrs
-    return ds
+    return as_object_strings(ds)
+
+
+def as_object_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Present variable-length string variables as numpy object arrays (lazily).
+
+    Zarr v3 strings come back as numpy ``StringDType``, which ``.astype(str)`` and many
+    libraries do not handle yet; object arrays of ``str`` work everywhere.
+    """
+    converted = {
+        name: var.astype(object)
+        for name, var in ds.variables.items()
+        if isinstance(var.dtype, np.dtypes.StringDType)
+    }
+    return ds.assign(converted) if converted else ds
 
 
 def _empty_column(spec: VariableSpec, n: int) -> np.ndarray:

@@ -18,8 +18,8 @@ write and is truncated by the next writer. Rows are committed at star-chunk boun
 """
 from __future__ import annotations
 
-import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -184,7 +184,9 @@ def open_survey_store(url: str | os.PathLike, chunks: dict | None = None) -> xr.
     n_star, n_file = int(attrs["n_star"]), int(attrs["n_file"])
     store = location.zarr_store(read_only=True)
     kwargs = dict(consolidated=False, zarr_format=3, chunks=chunks if chunks is not None else {})
-    sizes = {name: arr.shape[0] for name, arr in group.arrays() if name != "wavelength"}
+    with warnings.catch_warnings():  # the writer's lock file is not a zarr node
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        sizes = {name: arr.shape[0] for name, arr in group.arrays() if name != "wavelength"}
     star_names = set(STAR_VARIABLES) | set(PIXEL_VARIABLES)
     consistent = len({sizes[n] for n in star_names if n in sizes}) <= 1 and len(
         {sizes[n] for n in FILE_VARIABLES if n in sizes}
@@ -219,12 +221,6 @@ def as_object_strings(ds: xr.Dataset) -> xr.Dataset:
         if isinstance(var.dtype, np.dtypes.StringDType)
     }
     return ds.assign(converted) if converted else ds
-
-
-def _empty_column(spec: VariableSpec, n: int) -> np.ndarray:
-    if spec.dtype is _STR:
-        return np.full(n, spec.fill, dtype=object)
-    return np.full(n, spec.fill, dtype=spec.dtype)
 
 
 class SurveyStoreWriter:
@@ -482,16 +478,7 @@ class SurveyStoreWriter:
         self.group.attrs.update({"n_star": b, "n_file": fb})
 
 
-def star_row_template() -> dict[str, Any]:
-    """A star row with every variable at its fill value (used by tests and the ingest)."""
-    return {name: spec.fill for name, spec in STAR_VARIABLES.items()}
-
-
 def file_summary(ds: xr.Dataset) -> dict[str, int]:
     """Counts of file-report statuses in an opened store."""
     status = np.asarray(ds["file_status"].values).astype(str)
     return {s: int(np.sum(status == s)) for s in FILE_STATUSES}
-
-
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)

@@ -45,6 +45,7 @@ __all__ = [
     "open_survey_store",
     "default_chunk_stars",
     "as_object_strings",
+    "open_committed",
 ]
 
 STORE_FORMAT = "lamost_mdwarf.survey_store"
@@ -181,32 +182,41 @@ def open_survey_store(url: str | os.PathLike, chunks: dict | None = None) -> xr.
     group = _open_group(location, "r")
     attrs = dict(group.attrs)
     _check_format(attrs, location.url)
-    n_star, n_file = int(attrs["n_star"]), int(attrs["n_file"])
-    store = location.zarr_store(read_only=True)
-    kwargs = dict(consolidated=False, zarr_format=3, chunks=chunks if chunks is not None else {})
-    with warnings.catch_warnings():  # the writer's lock file is not a zarr node
-        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
-        sizes = {name: arr.shape[0] for name, arr in group.arrays() if name != "wavelength"}
-    star_names = set(STAR_VARIABLES) | set(PIXEL_VARIABLES)
-    consistent = len({sizes[n] for n in star_names if n in sizes}) <= 1 and len(
-        {sizes[n] for n in FILE_VARIABLES if n in sizes}
-    ) <= 1
-    if consistent:
-        ds = xr.open_zarr(store, **kwargs)
-    else:  # an interrupted resize: open variables of equal length separately
-        parts = []
-        for names in (star_names, set(FILE_VARIABLES)):
-            for size in {sizes[n] for n in names}:
-                keep = {n for n in names if sizes[n] == size}
-                drop = [n for n in sizes if n not in keep]
-                part = xr.open_zarr(store, drop_variables=drop, **kwargs)
-                dim = "file" if names == set(FILE_VARIABLES) else "star"
-                limit = n_file if dim == "file" else n_star
-                parts.append(part.isel({dim: slice(0, limit)}))
-        ds = xr.merge(parts, compat="override", combine_attrs="override")
-    ds = ds.isel(star=slice(0, n_star), file=slice(0, n_file)) if "file" in ds.dims else ds.isel(star=slice(0, n_star))
+    limits = {"star": int(attrs["n_star"]), "file": int(attrs["n_file"])}
+    ds = open_committed(location.zarr_store(read_only=True), group, None, limits, chunks)
     ds.attrs = attrs
     return as_object_strings(ds)
+
+
+def open_committed(
+    store: Any, group: zarr.Group, group_path: str | None, limits: Mapping[str, int], chunks: dict | None = None
+) -> xr.Dataset:
+    """Open a zarr group with xarray, keeping only rows below ``limits`` along each dimension.
+
+    Arrays of one dimension may have different lengths after an interrupted resize (rows
+    beyond the committed extent); they are then opened in groups of equal length and
+    merged, which ``xarray.open_zarr`` alone refuses to do.
+    """
+    kwargs = dict(consolidated=False, zarr_format=3, chunks=chunks if chunks is not None else {}, group=group_path)
+    with warnings.catch_warnings():  # the writer's lock file is not a zarr node
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        arrays = dict(group.arrays())
+    dims = {name: tuple(arr.metadata.dimension_names or ()) for name, arr in arrays.items()}
+    by_dim: dict[str, dict[int, list[str]]] = {}
+    for name, arr in arrays.items():
+        if dims[name] and dims[name][0] in limits:
+            by_dim.setdefault(dims[name][0], {}).setdefault(arr.shape[0], []).append(name)
+    if all(len(sizes) <= 1 for sizes in by_dim.values()):
+        ds = xr.open_zarr(store, **kwargs)
+    else:
+        parts = []
+        for dim, sizes in by_dim.items():
+            for names in sizes.values():
+                drop = [n for n in arrays if n not in names and (dims[n][:1] != ("wavelength",))]
+                part = xr.open_zarr(store, drop_variables=drop, **kwargs)
+                parts.append(part.isel({dim: slice(0, limits[dim])}))
+        ds = xr.merge(parts, compat="override", combine_attrs="override", join="outer")
+    return ds.isel({dim: slice(0, limit) for dim, limit in limits.items() if dim in ds.dims})
 
 
 def as_object_strings(ds: xr.Dataset) -> xr.Dataset:

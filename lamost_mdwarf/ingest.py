@@ -22,7 +22,6 @@ from lamost_mdwarf.grid import WavelengthGrid
 from lamost_mdwarf.io.lamost_fits import LamostReadError, read_lamost_spectrum
 from lamost_mdwarf.io.survey_store import (
     INGEST_FLAGS,
-    PIXEL_VARIABLES,
     STAR_VARIABLES,
     SurveyStoreWriter,
 )

@@ -95,7 +95,7 @@ def test_concurrent_ingest_refused(many_files, tmp_path):
     first = run_cli(store, many_files, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while not (store / ".lamost_mdwarf.lock").exists() and first.poll() is None and time.time() < deadline:
+        while not Path(str(store) + ".lock").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         assert first.poll() is None, "first ingest ended too early"
         second = run_cli(store, many_files)

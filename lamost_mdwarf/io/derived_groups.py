@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import xarray as xr
 import zarr
 
@@ -63,12 +61,10 @@ def _root(store: str | os.PathLike, mode: str) -> zarr.Group:
 def derived_group_extent(store: str | os.PathLike, name: str) -> tuple[int, dict[str, Any]]:
     """Committed rows and attributes of a derived group ((0, {}) when it does not exist)."""
     root = _root(store, "r")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not recognized as a component")
-        try:
-            group = root[name]
-        except KeyError:
-            return 0, {}
+    try:
+        group = root[name]
+    except KeyError:
+        return 0, {}
     attrs = dict(group.attrs)
     return int(attrs.get("n_star", 0)), attrs
 
@@ -89,9 +85,7 @@ def prepare_derived_group(
     """
     root = _root(store, "r+")
     fingerprint = settings_fingerprint(settings)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not recognized as a component")
-        group = root.get(spec.name)
+    group = root.get(spec.name)
     if group is not None and (reset or group.attrs.get("settings") != fingerprint
                               or set(spec.variables) - set(group.array_keys())):
         del root[spec.name]
@@ -158,7 +152,3 @@ def open_derived_group(store: str | os.PathLike, name: str, chunks: dict | None 
     ds.attrs = attrs
     return as_object_strings(ds)
 
-
-def numpy_fill(dtype: Any, fill: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """An array of ``shape`` filled with ``fill`` (object dtype for strings)."""
-    return np.full(shape, fill, dtype=object if dtype is str else dtype)

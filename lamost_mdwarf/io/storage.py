@@ -104,18 +104,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 class WriterLock:
-    """An exclusive lock file ``<store>/.lamost_mdwarf.lock`` held by one writer.
+    """An exclusive lock file ``<store>.lock`` (beside the store) held by one writer.
+
+    The lock lives outside the Zarr hierarchy so that readers (``xarray.open_zarr``) never
+    see a foreign object in the store.
 
     A lock left by a killed process on this host is detected (its pid is gone) and taken
     over; a live lock makes :meth:`acquire` raise :class:`StoreLockedError`.
     """
 
-    NAME = ".lamost_mdwarf.lock"
-
     def __init__(self, location: StoreLocation, purpose: str) -> None:
         self.location = location
         self.purpose = purpose
-        self.path = location._join(self.NAME)
+        self.path = f"{location.root.rstrip('/')}.lock"
         self.held = False
 
     def _read(self) -> dict[str, Any] | None:
@@ -132,7 +133,9 @@ class WriterLock:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "purpose": self.purpose}
         payload = json.dumps(info)
         fs = self.location.fs
-        fs.makedirs(self.location.root, exist_ok=True)
+        parent = self.path.rsplit("/", 1)[0]
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
         for _ in range(2):
             if self.location.is_local:
                 try:

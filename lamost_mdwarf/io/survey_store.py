@@ -19,7 +19,6 @@ write and is truncated by the next writer. Rows are committed at star-chunk boun
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -198,9 +197,7 @@ def open_committed(
     merged, which ``xarray.open_zarr`` alone refuses to do.
     """
     kwargs = dict(consolidated=False, zarr_format=3, chunks=chunks if chunks is not None else {}, group=group_path)
-    with warnings.catch_warnings():  # the writer's lock file is not a zarr node
-        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
-        arrays = dict(group.arrays())
+    arrays = dict(group.arrays())
     dims = {name: tuple(arr.metadata.dimension_names or ()) for name, arr in arrays.items()}
     by_dim: dict[str, dict[int, list[str]]] = {}
     for name, arr in arrays.items():

@@ -41,13 +41,18 @@ def main() -> None:
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--n-stars", default=5000, show_default=True, type=click.IntRange(min=1), help="Number of stars.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same survey).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Random seed (same seed, same survey).")
 @click.option("--n-workers", default=None, type=click.IntRange(min=1), help="Processes (default: all cores).")
-def simulate(outdir: Path, n_stars: int, seed: int, n_workers: int | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a survey already in OUTDIR.")
+def simulate(outdir: Path, n_stars: int, seed: int, n_workers: int | None, overwrite: bool) -> None:
     """Write a simulated LAMOST-like survey (FITS files, label table, truth) to OUTDIR."""
     from lamost_mdwarf.simulate.survey import simulate_survey
 
-    result = simulate_survey(outdir, n_stars=n_stars, seed=seed, n_workers=n_workers)
+    try:
+        result = simulate_survey(outdir, n_stars=n_stars, seed=seed, n_workers=n_workers, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise click.ClickException(f"{exc} (use --overwrite to replace it)") from None
     click.echo(f"simulated {result.n_stars} stars in {result.n_files} files")
     click.echo(f"  spectra: {result.spectra_dir}")
     click.echo(f"  labels:  {result.labels_path}")
@@ -87,6 +92,188 @@ def ingest(store: str, paths: Sequence[str], release: str | None, grid_spec: str
         raise click.ClickException(str(exc)) from None
     progress.close()
     click.echo(summary.format())
+
+
+@main.command()
+@click.argument("store", type=str)
+@click.option("--continuum-convention", type=click.Choice(["cannon", "paper"]), default="cannon", show_default=True,
+              help="Gaussian weight exp(-0.5 dl^2/L^2) (code the paper used) or exp(-dl^2/L^2) (paper Eq. 2).")
+@click.option("--continuum-width", type=float, default=50.0, show_default=True, help="Smoothing width L, Angstrom.")
+@click.option("--masked-ivar", type=float, default=1e-5, show_default=True, help="ivar given to masked pixels.")
+@click.option("--lamost-mask", type=click.Choice(["and", "or", "both", "none"]), default="and", show_default=True,
+              help="Which LAMOST pixel mask to honour.")
+@click.option("--reset", is_flag=True, help="Recompute every spectrum, not only new ones.")
+@cluster_options
+def preprocess(store: str, continuum_convention: str, continuum_width: float, masked_ivar: float,
+               lamost_mask: str, reset: bool, **cluster_kwargs) -> None:
+    """Mask, pseudo-continuum-normalize and measure quality of every spectrum in STORE."""
+    from lamost_mdwarf.stages.preprocess import run_preprocess
+
+    config = _preprocess_config(continuum_convention, continuum_width, masked_ivar, lamost_mask)
+    progress = _Progress("preprocessing")
+    with _user_errors(), dask_client_from_options(**cluster_kwargs):
+        summary = run_preprocess(store, config, reset=reset, progress=progress)
+    progress.close()
+    click.echo(f"preprocessed {summary.n_computed} spectra ({summary.stop} in store)")
+
+
+def _preprocess_config(convention: str, width: float, masked_ivar: float, lamost_mask: str):
+    import dataclasses
+
+    from lamost_mdwarf.kernels.masking import MaskConfig
+    from lamost_mdwarf.preprocessing import PreprocessConfig
+
+    mask = dataclasses.replace(MaskConfig(), masked_ivar=masked_ivar, lamost_mask=lamost_mask)
+    return PreprocessConfig(mask=mask, continuum_width=width, continuum_convention=convention)
+
+
+def selection_options(command):
+    """Options of the cross-match and the cuts (shared by select and run)."""
+    options = [
+        click.option("--label-columns", default=None, metavar="NAME=COL,...",
+                     help="Map catalog columns, e.g. teff=TEFF,ra=RA_ICRS (defaults: VizieR names RAJ2000, "
+                          "DEJ2000, Teff, e_Teff, Rad, e_Rad, Mass, e_Mass, Lum, e_Lum)."),
+        click.option("--match-radius", type=float, default=3.0, show_default=True, help="Match radius, arcsec."),
+        click.option("--snr-min", type=float, default=50.0, show_default=True, help="Keep SNR_lambda above this."),
+        click.option("--snr-training", type=float, default=250.0, show_default=True,
+                     help="Training set SNR_lambda above this."),
+        click.option("--blue-slope-min", type=float, default=-3.0, show_default=True,
+                     help="Blue-excess cut (normalized flux per 1000 A)."),
+        click.option("--outlier-radius", type=float, default=0.01, show_default=True,
+                     help="Training label outlier threshold vs the Mann et al. 2015 Teff-R relation, Rsun."),
+        click.option("--outlier-mass", type=float, default=0.01, show_default=True,
+                     help="Training label outlier threshold vs the Teff-M relation, Msun."),
+        click.option("--outlier-rule", type=click.Choice(["both", "either"]), default="both", show_default=True,
+                     help="Outlier if it deviates in R and M (paper) or in either."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _selection_args(kwargs: dict) -> dict:
+    from lamost_mdwarf.io.label_catalog import parse_column_mapping
+    from lamost_mdwarf.selection import SelectionConfig
+
+    try:
+        columns = parse_column_mapping(kwargs.pop("label_columns"))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--label-columns") from None
+    config = SelectionConfig(
+        snr_min=kwargs.pop("snr_min"), snr_training_min=kwargs.pop("snr_training"),
+        blue_slope_min=kwargs.pop("blue_slope_min"), outlier_radius_rsun=kwargs.pop("outlier_radius"),
+        outlier_mass_msun=kwargs.pop("outlier_mass"), outlier_rule=kwargs.pop("outlier_rule"))
+    return {"columns": columns, "radius_arcsec": kwargs.pop("match_radius"), "config": config}
+
+
+@main.command()
+@click.argument("store", type=str)
+@click.option("--labels", "labels_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Label catalog (CSV, FITS, VOTable, ECSV).")
+@selection_options
+def select(store: str, labels_path: str, **kwargs) -> None:
+    """Cross-match STORE with a label catalog, apply the cuts and split training/validation/survey."""
+    from lamost_mdwarf.selection import format_cut_table
+    from lamost_mdwarf.stages.select import run_select
+
+    args = _selection_args(kwargs)
+    with _user_errors():
+        result = run_select(store, labels_path, **args)
+    click.echo(format_cut_table(result.cut_table))
+    click.echo("subsets: " + ", ".join(f"{k} {v}" for k, v in result.counts().items()))
+
+
+@main.command()
+@click.argument("store", type=str)
+@click.option("--model", "model_path", required=True, help="Where to write the model (Zarr).")
+@click.option("--pixel-chunk", type=click.IntRange(min=1), default=250, show_default=True,
+              help="Pixels per training task.")
+@click.option("--labels-set", default="teff,radius,mass,luminosity", show_default=True,
+              help="Comma-separated labels of the model.")
+@cluster_options
+def train(store: str, model_path: str, pixel_chunk: int, labels_set: str, **cluster_kwargs) -> None:
+    """Train The Cannon on the training subset of STORE."""
+    from lamost_mdwarf.stages.train import run_train
+
+    names = tuple(name.strip() for name in labels_set.split(",") if name.strip())
+    with _user_errors(), dask_client_from_options(**cluster_kwargs):
+        model = run_train(store, model_path, names, pixel_chunk)
+    click.echo(f"model {model.model_hash}: {len(model.training_ids)} training stars, "
+               f"{model.wavelength.size} pixels, {len(model.term_names)} terms -> {model_path}")
+    click.echo(f"  pixels whose scatter did not converge: {int((~model.pixel_converged).sum())}")
+
+
+@main.command()
+@click.argument("store", type=str)
+@click.option("--model", "model_path", required=True, help="Model to validate (updated with its error model).")
+@click.option("--validation-out", default=None, help="Write per-star validation residuals here (Zarr).")
+@click.option("--stars-per-bin", type=click.IntRange(min=5), default=None,
+              help="Stars per SNR bin of the error model (default: 1360, fewer for small sets).")
+@cluster_options
+def validate(store: str, model_path: str, validation_out: str | None, stars_per_bin: int | None,
+             **cluster_kwargs) -> None:
+    """Apply the model to the validation subset; fit and store the SNR error model."""
+    from lamost_mdwarf.stages.validate import run_validate
+
+    with _user_errors(), dask_client_from_options(**cluster_kwargs):
+        summary = run_validate(store, model_path, validation_out, stars_per_bin)
+    click.echo(summary.format())
+
+
+@main.command()
+@click.argument("store", type=str)
+@click.option("--model", "model_path", required=True, help="Trained (and validated) model.")
+@click.option("--results", "results_path", required=True, help="Results store to write/extend (Zarr).")
+@click.option("--chi2-max", type=float, default=5000.0, show_default=True, help="Final chi^2 cut.")
+@click.option("--error-mode", type=click.Choice(["error_model", "quadrature", "max"]), default="error_model",
+              show_default=True, help="Reported errors: the SNR error model (paper), or combined with formal.")
+@cluster_options
+def infer(store: str, model_path: str, results_path: str, chi2_max: float, error_mode: str,
+          **cluster_kwargs) -> None:
+    """Infer labels for every usable spectrum of STORE into a results store."""
+    from lamost_mdwarf.stages.infer import InferSettings, run_infer
+
+    progress = _Progress("inferring")
+    with _user_errors(), dask_client_from_options(**cluster_kwargs):
+        computed, total = run_infer(store, model_path, results_path, InferSettings(chi2_max, error_mode),
+                                    progress=progress)
+    progress.close()
+    click.echo(f"inferred {computed} spectra; {total} rows in {results_path}")
+
+
+@main.command()
+@click.argument("results", type=str)
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Catalog file: .csv, .fits, .ecsv, .parquet or .vot.")
+@click.option("--all", "include_flagged", is_flag=True, help="Include flagged rows (default: flags == 0 only).")
+def catalog(results: str, out_path: str, include_flagged: bool) -> None:
+    """Export RESULTS as a catalog table with units."""
+    from lamost_mdwarf.io.catalog import results_to_table, write_catalog
+    from lamost_mdwarf.stages.infer import open_results
+
+    with _user_errors():
+        table = results_to_table(open_results(results), include_flagged=include_flagged)
+        path = write_catalog(table, out_path)
+    click.echo(f"wrote {len(table)} rows to {path}")
+
+
+class _user_errors:
+    """Turn the errors a user can act on into a one-line message instead of a traceback."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        from lamost_mdwarf.errors import PipelineError
+        from lamost_mdwarf.io.label_catalog import LabelCatalogError
+        from lamost_mdwarf.io.storage import StoreLockedError
+        from lamost_mdwarf.io.survey_store import StoreError
+        from lamost_mdwarf.model import ModelFormatError
+
+        if exc_type is not None and issubclass(exc_type, (StoreError, StoreLockedError, LabelCatalogError,
+                                                          ModelFormatError, FileNotFoundError, PipelineError)):
+            raise click.ClickException(str(exc)) from None
+        return False
 
 
 @main.command(name="store-info")

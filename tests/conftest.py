@@ -45,3 +45,21 @@ def clone_real_spectra(src: Path, outdir: Path, n: int, start_fiber: int = 1) ->
         fits.PrimaryHDU(data=arr, header=head).writeto(path, overwrite=True)
         paths.append(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def small_survey(tmp_path_factory):
+    """A simulated survey of 1200 stars (about 1,350 files), shared by the pipeline tests."""
+    from lamost_mdwarf.simulate.survey import simulate_survey
+
+    return simulate_survey(tmp_path_factory.mktemp("survey") / "sim", n_stars=1200, seed=11, n_workers=2)
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """An in-process Dask cluster of 2 workers (threads) for stage tests."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client

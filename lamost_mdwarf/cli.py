@@ -276,6 +276,84 @@ class _user_errors:
         return False
 
 
+@main.command()
+@click.option("--spectra", "spectra", multiple=True, required=True,
+              help="FITS files, directories or globs; several may follow one --spectra.")
+@click.option("--labels", "labels_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Label catalog (CSV, FITS, VOTable, ECSV).")
+@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="Work directory.")
+@click.option("--release", default=None, help="Release label for new spectra (default: the file's DATA_V).")
+@click.option("--retrain", is_flag=True, help="Retrain the model even if one exists in the work directory.")
+@click.option("--chi2-max", type=float, default=5000.0, show_default=True, help="Final chi^2 cut.")
+@click.option("--no-figures", is_flag=True, help="Skip the figures.")
+@selection_options
+@cluster_options
+@click.argument("more_spectra", nargs=-1, type=str)
+def run(spectra, labels_path, workdir, release, retrain, chi2_max, no_figures, more_spectra, **kwargs) -> None:
+    """Run everything from FITS files to catalog and figures, skipping what is up to date.
+
+    Example: lamost-mdwarf run --spectra dr1/ dr7/ --labels tcd.csv --workdir work
+    """
+    _run_pipeline(list(spectra) + list(more_spectra), labels_path, workdir, release, retrain, chi2_max,
+                  not no_figures, kwargs)
+
+
+def _run_pipeline(spectra, labels_path, workdir, release, retrain, chi2_max, figures, kwargs):
+    from lamost_mdwarf.pipeline import WorkdirLayout, run_pipeline, setup_logging
+    from lamost_mdwarf.stages.infer import InferSettings
+
+    selection = _selection_args(kwargs)
+    cluster_kwargs = {k: kwargs[k] for k in list(kwargs) if k in _CLUSTER_KEYS}
+    layout = WorkdirLayout(Path(workdir))
+    setup_logging(layout.log, echo=lambda msg: click.echo(msg, err=True))
+    bars: list[_Progress] = []
+
+    def progress_factory(label: str) -> _Progress:
+        bar = _Progress(label)
+        bars.append(bar)
+        return bar
+
+    try:
+        with _user_errors(), dask_client_from_options(**cluster_kwargs) as client:
+            summary = run_pipeline(
+                list(spectra), labels_path, workdir, client, release=release, retrain=retrain,
+                selection_config=selection["config"], label_columns=selection["columns"],
+                match_radius_arcsec=selection["radius_arcsec"], infer_settings=InferSettings(chi2_max=chi2_max),
+                make_figures=figures, progress_factory=progress_factory)
+    finally:
+        for bar in bars:
+            bar.close()
+    click.echo(summary.format())
+
+
+_CLUSTER_KEYS = ("scheduler", "cluster", "cluster_config", "n_workers", "threads_per_worker", "memory_limit",
+                 "adaptive")
+
+
+@main.command()
+@click.argument("directory", required=False, default="lamost_mdwarf_demo",
+                type=click.Path(file_okay=False, path_type=Path))
+@click.option("--n-stars", default=5000, show_default=True, type=click.IntRange(min=300),
+              help="Stars in the simulated survey.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--no-figures", is_flag=True, help="Skip the figures.")
+@selection_options
+@cluster_options
+def demo(directory: Path, n_stars: int, seed: int, no_figures: bool, **kwargs) -> None:
+    """Simulate a LAMOST-like survey in DIRECTORY and run the whole pipeline on it."""
+    from lamost_mdwarf.simulate.survey import simulate_survey
+
+    survey_dir = directory / "survey"
+    if not (survey_dir / "truth.csv").exists():
+        click.echo(f"simulating {n_stars} stars into {survey_dir} ...", err=True)
+        simulate_survey(survey_dir, n_stars=n_stars, seed=seed, n_workers=kwargs.get("n_workers"),
+                        overwrite=True)
+    else:
+        click.echo(f"using the simulated survey in {survey_dir}", err=True)
+    _run_pipeline([str(survey_dir / "spectra")], str(survey_dir / "labels_tcd.csv"), str(directory / "work"),
+                  None, False, 5000.0, not no_figures, kwargs)
+
+
 @main.command(name="store-info")
 @click.argument("store", type=str)
 @click.option("--rejected", is_flag=True, help="List every rejected file with its reason.")

@@ -191,7 +191,10 @@ def run_infer(
                                           "label_names": list(model.label_names),
                                           "code_version": __version__,
                                           "training_ids": list(map(str, model.training_ids)),
-                                          "survey_store": str(store),
+                                          "survey_store": os.path.abspath(store) if "://" not in str(store)
+                                          else str(store),
+                                          "model_path": os.path.abspath(model_path) if "://" not in str(model_path)
+                                          else str(model_path),
                                           "chi2_max": settings.chi2_max,
                                           "error_mode": settings.error_mode,
                                       })

@@ -299,13 +299,12 @@ def run(spectra, labels_path, workdir, release, retrain, chi2_max, no_figures, m
 
 
 def _run_pipeline(spectra, labels_path, workdir, release, retrain, chi2_max, figures, kwargs):
-    from lamost_mdwarf.pipeline import WorkdirLayout, run_pipeline, setup_logging
+    from lamost_mdwarf.pipeline import run_pipeline, setup_logging
     from lamost_mdwarf.stages.infer import InferSettings
 
     selection = _selection_args(kwargs)
     cluster_kwargs = {k: kwargs[k] for k in list(kwargs) if k in _CLUSTER_KEYS}
-    layout = WorkdirLayout(Path(workdir))
-    setup_logging(layout.log, echo=lambda msg: click.echo(msg, err=True))
+    setup_logging(echo=lambda msg: click.echo(msg, err=True))
     bars: list[_Progress] = []
 
     def progress_factory(label: str) -> _Progress:

@@ -116,20 +116,27 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def setup_logging(log_path: Path, echo: Callable[[str], None] | None = None) -> logging.Handler:
-    """Log the pipeline to ``log_path`` (appending) and optionally echo messages."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+def setup_logging(log_path: Path | None = None, echo: Callable[[str], None] | None = None) -> list[logging.Handler]:
+    """Send pipeline log records to ``log_path`` (appending) and/or an ``echo`` function.
+
+    Returns the handlers added (remove them with ``logger.removeHandler``).
+    """
+    handlers: list[logging.Handler] = []
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handlers.append(handler)
     if echo is not None:
         class _Echo(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
                 echo(record.getMessage())
 
-        logger.addHandler(_Echo())
-    return handler
+        handlers.append(_Echo())
+    for handler in handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handlers
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -211,6 +218,20 @@ def run_pipeline(
     -------
     RunSummary
     """
+    layout = WorkdirLayout(Path(workdir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    handlers = setup_logging(layout.log)
+    try:
+        return _run_stages(layout, spectra, labels, client, release, retrain, preprocess_config, selection_config,
+                           label_columns, match_radius_arcsec, infer_settings, make_figures, progress_factory)
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def _run_stages(layout, spectra, labels, client, release, retrain, preprocess_config, selection_config,
+                label_columns, match_radius_arcsec, infer_settings, make_figures, progress_factory) -> RunSummary:
     from lamost_mdwarf.ingest import ingest
     from lamost_mdwarf.io.catalog import results_to_table, write_catalog
     from lamost_mdwarf.stages.infer import open_results, run_infer
@@ -219,9 +240,8 @@ def run_pipeline(
     from lamost_mdwarf.stages.train import run_train
     from lamost_mdwarf.stages.validate import run_validate
 
-    layout = WorkdirLayout(Path(workdir))
-    layout.root.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(layout)
+    logger.info(f"lamost_mdwarf run in {layout.root}")
     state = _load_state(layout.state)
     progress = progress_factory or (lambda label: None)
 

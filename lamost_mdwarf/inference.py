@@ -22,6 +22,9 @@ __all__ = ["NOT_INFERRED", "infer_dataset"]
 #: Status bit of stars that were not fitted (excluded by the selection).
 NOT_INFERRED = 1 << 8
 
+#: Stars fitted at once inside a task (bounds working memory whatever the chunk size).
+ROWS_PER_BATCH = 512
+
 _OUTPUTS = ("labels", "covariance", "chi2", "reduced_chi2", "n_good_pixels", "converged", "status", "n_iterations")
 
 
@@ -35,8 +38,9 @@ def _infer_block(flux, ivar, active, theta, s2, pivots, scales, starts, masked_i
     converged = np.zeros(n, dtype=bool)
     status = np.full(n, NOT_INFERRED, dtype=np.int32)
     n_iter = np.zeros(n, dtype=np.int32)
-    rows = np.flatnonzero(np.asarray(active, dtype=bool))
-    if rows.size:
+    active_rows = np.flatnonzero(np.asarray(active, dtype=bool))
+    for a in range(0, active_rows.size, ROWS_PER_BATCH):  # bounded working memory per task
+        rows = active_rows[a:a + ROWS_PER_BATCH]
         res = infer_labels(np.asarray(flux)[rows], np.asarray(ivar)[rows], theta, s2, pivots, scales, starts,
                            masked_ivar_threshold=masked_ivar_threshold)
         labels[rows], cov[rows] = res.labels, res.covariance

@@ -113,8 +113,19 @@ def preprocess_chunk(
     )
 
 
+#: Stars processed at once inside a task: bounds a task's working memory (about 40
+#: float64 copies of a (rows, pixels) block, ~100 MB at 256 x 3000) whatever the chunk size.
+ROWS_PER_BATCH = 256
+
+
 def _chunk_adapter(flux, ivar, andmask, ormask, redshift, wavelength, config):
-    return preprocess_chunk(wavelength, flux, ivar, andmask, ormask, redshift, config)
+    parts = [
+        preprocess_chunk(wavelength, flux[a:a + ROWS_PER_BATCH], ivar[a:a + ROWS_PER_BATCH],
+                         andmask[a:a + ROWS_PER_BATCH], ormask[a:a + ROWS_PER_BATCH],
+                         redshift[a:a + ROWS_PER_BATCH], config)
+        for a in range(0, max(1, flux.shape[0]), ROWS_PER_BATCH)
+    ]
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
 def preprocess_spectra(store: xr.Dataset, config: PreprocessConfig = PreprocessConfig()) -> xr.Dataset:

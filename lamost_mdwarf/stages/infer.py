@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 
 from lamost_mdwarf.errors import PipelineError
+import lamost_mdwarf.query  # noqa: F401  (registers the ds.mdwarf accessor on opened results)
 from lamost_mdwarf._version import __version__
 from lamost_mdwarf.inference import infer_dataset
 from lamost_mdwarf.io.derived_groups import (

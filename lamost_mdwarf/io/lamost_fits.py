@@ -239,7 +239,7 @@ def _clean_str(value: Any) -> str:
     return str(value).strip()
 
 
-def _first_present(header: fits.Header, names: tuple[str, ...]) -> Any:
+def _first_present(header: Any, names: tuple[str, ...]) -> Any:
     for name in names:
         if name in header:
             return header[name]
@@ -249,22 +249,120 @@ def _first_present(header: fits.Header, names: tuple[str, ...]) -> Any:
 # --------------------------------------------------------------------------- reader
 
 
-def _check_magic(path: Path) -> None:
+_CARD = 80
+_BLOCK = 2880
+#: Primary headers longer than this many 2880-byte blocks are not parsed on the fast path.
+_MAX_HEADER_BLOCKS = 64
+_UNPARSED = object()
+
+
+class PrimaryHeaderValues:
+    """Keyword values of a primary header, parsed from its raw 80-character cards.
+
+    astropy parses a card's value lazily and slowly (tens of microseconds per keyword);
+    reading the ~30 keywords a LAMOST spectrum needs that way costs more than reading the
+    file. The raw cards are read once here, and values in the FITS fixed/free formats
+    (quoted strings, integers, reals, logicals) are parsed directly; anything else falls
+    back to the astropy :class:`~astropy.io.fits.Header`. Only the first occurrence of a
+    keyword is used, as astropy does.
+    """
+
+    def __init__(self, cards: dict[str, str], header: fits.Header | None = None) -> None:
+        self._cards = cards
+        self.header = header
+
+    def _value(self, key: str) -> Any:
+        text = self._cards.get(key)
+        if text is None:
+            return _UNPARSED
+        return _parse_card_value(text)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._value(key)
+        if value is _UNPARSED:
+            if key in self._cards and self.header is not None:
+                return self.header.get(key, default)
+            return default
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._cards
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._cards:
+            raise KeyError(key)
+        return self.get(key)
+
+
+def _parse_card_value(text: str) -> Any:
+    """Value of a card's value field (columns 11-80), or ``_UNPARSED``."""
+    stripped = text.lstrip()
+    if stripped.startswith("'"):
+        out, i = [], 1
+        while i < len(stripped):
+            char = stripped[i]
+            if char == "'":
+                if stripped[i + 1:i + 2] == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                return "".join(out).rstrip()
+            out.append(char)
+            i += 1
+        return _UNPARSED  # unterminated string
+    field = stripped.split("/", 1)[0].strip()
+    if field == "":
+        return None
+    if field == "T":
+        return True
+    if field == "F":
+        return False
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(9)
+        return int(field)
+    except ValueError:
+        pass
+    try:
+        return float(field.replace("D", "E").replace("d", "e"))
+    except ValueError:
+        return _UNPARSED
+
+
+def read_primary_header_cards(path: Path) -> dict[str, str]:
+    """Raw value fields of the primary header's keyword cards (checks the FITS magic).
+
+    Raises
+    ------
+    LamostReadError
+        Empty file, not FITS, corrupt gzip stream, or a header without END.
+    """
+    try:
+        with open(path, "rb") as raw:
+            head = raw.read(2)
     except OSError as exc:
         raise LamostReadError(path, f"cannot open file ({exc.strerror or exc})") from None
     if not head:
         raise LamostReadError(path, "empty file")
-    if head[:2] == _GZIP_MAGIC:
-        try:
-            with gzip.open(path, "rb") as handle:
-                head = handle.read(9)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise LamostReadError(path, f"corrupt gzip stream ({exc})") from None
-    if head != _FITS_MAGIC:
-        raise LamostReadError(path, "not a FITS file (no 'SIMPLE  =' card at the start)")
+    opener = gzip.open if head == _GZIP_MAGIC else open
+    cards: dict[str, str] = {}
+    try:
+        with opener(path, "rb") as handle:
+            for block_index in range(_MAX_HEADER_BLOCKS):
+                block = handle.read(_BLOCK)
+                if block_index == 0 and not block.startswith(_FITS_MAGIC):
+                    raise LamostReadError(path, "not a FITS file (no 'SIMPLE  =' card at the start)")
+                if len(block) < _BLOCK:
+                    raise LamostReadError(path, "truncated FITS header (no END card)")
+                text = block.decode("ascii", errors="replace")
+                for start in range(0, _BLOCK, _CARD):
+                    card = text[start:start + _CARD]
+                    keyword = card[:8].rstrip()
+                    if keyword == "END":
+                        return cards
+                    if card[8:10] == "= " and keyword not in cards:
+                        cards[keyword] = card[10:]
+    except (OSError, EOFError, zlib.error) as exc:
+        raise LamostReadError(path, f"corrupt gzip stream ({exc})") from None
+    raise LamostReadError(path, f"no END card in the first {_MAX_HEADER_BLOCKS} header blocks")
 
 
 def _as_1d(array: Any, name: str, path: Path) -> np.ndarray:
@@ -323,7 +421,7 @@ def _read_coadd(hdu: fits.BinTableHDU, path: Path) -> dict[str, np.ndarray]:
     return rows
 
 
-def _log_linear_wavelength(header: fits.Header, n_pix: int, path: Path) -> tuple[np.ndarray, float, float]:
+def _log_linear_wavelength(header: Any, n_pix: int, path: Path) -> tuple[np.ndarray, float, float]:
     coeff0 = _clean_float(_first_present(header, ("COEFF0", "CRVAL1")))
     coeff1 = _clean_float(_first_present(header, ("COEFF1", "CD1_1")))
     if not (math.isfinite(coeff0) and math.isfinite(coeff1)) or not (3.0 < coeff0 < 4.5 and 0 < coeff1 < 1e-2):
@@ -377,13 +475,13 @@ def read_lamost_spectrum(path: str | os.PathLike) -> LamostSpectrum:
     path = Path(path)
     if not path.is_file():
         raise LamostReadError(path, "no such file")
-    _check_magic(path)
+    cards = read_primary_header_cards(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", category=UserWarning)
             warnings.filterwarnings("ignore", message=".*(non-ASCII|invalid|verify|keyword).*")
             with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
-                return _read_open_file(path, hdul)
+                return _read_open_file(path, hdul, cards)
     except LamostReadError:
         raise
     except Warning as exc:  # astropy's "file may have been truncated" and friends
@@ -392,14 +490,14 @@ def read_lamost_spectrum(path: str | os.PathLike) -> LamostSpectrum:
         raise LamostReadError(path, f"corrupt or truncated FITS file ({type(exc).__name__}: {exc})") from None
 
 
-def _read_open_file(path: Path, hdul: fits.HDUList) -> LamostSpectrum:
+def _read_open_file(path: Path, hdul: fits.HDUList, cards: dict[str, str]) -> LamostSpectrum:
     if len(hdul) == 0:
         raise LamostReadError(path, "no HDU in file")
     if _is_medium_resolution(path, hdul):
         raise LamostReadError(
             path, "medium-resolution LAMOST file (COADD_B/COADD_R); only low-resolution spectra are supported"
         )
-    header = hdul[0].header
+    header = PrimaryHeaderValues(cards, hdul[0].header)
     coadd = next((hdu for hdu in hdul[1:] if isinstance(hdu, fits.BinTableHDU) and hdu.name.upper() == "COADD"), None)
     if coadd is not None:
         layout, rows = "coadd_table", _read_coadd(coadd, path)
@@ -449,7 +547,7 @@ def _read_open_file(path: Path, hdul: fits.HDUList) -> LamostSpectrum:
     )
 
 
-def _normalize_metadata(path: Path, header: fits.Header, layout: str) -> dict[str, Any]:
+def _normalize_metadata(path: Path, header: Any, layout: str) -> dict[str, Any]:
     from_name = parse_spectrum_filename(path.name) or {}
     ident: dict[str, Any] = {}
     for key, header_key in (("lmjd", "LMJD"), ("spid", "SPID"), ("fiberid", "FIBERID")):

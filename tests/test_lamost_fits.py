@@ -261,3 +261,29 @@ def test_spectrum_id_rejects_bad_parts():
         make_spectrum_id(55859, "a/b", 1, 1)
     with pytest.raises(ValueError):
         make_spectrum_id(0, "F5902", 1, 1)
+
+
+# ---------------------------------------------------------------- raw card values vs astropy
+
+from lamost_mdwarf.io.lamost_fits import _parse_card_value  # noqa: E402
+
+_card_values = st.one_of(
+    st.booleans(),
+    st.integers(-(10**15), 10**15),
+    st.floats(allow_nan=False, allow_infinity=False, width=64),
+    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60),
+)
+
+
+@given(_card_values, st.text(alphabet="abc xyz/", max_size=10))
+def test_raw_card_values_match_astropy(value, comment):
+    card = fits.Card("KEYWORD", value, comment)
+    image = card.image
+    expected = fits.Card.fromstring(image).value
+    got = _parse_card_value(image[10:])
+    if isinstance(expected, str):
+        assert got == expected.rstrip()
+    elif isinstance(expected, bool):
+        assert got is expected
+    else:
+        assert got == pytest.approx(expected, rel=1e-15, abs=0)

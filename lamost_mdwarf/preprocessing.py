@@ -66,7 +66,8 @@ PREPROCESSED_VARIABLES: dict[str, tuple[tuple[str, ...], Any, Any, dict]] = {
                     "units": "normalized flux per 1000 Angstrom"}),
     "n_good_pixels_masked": (("star",), "int32", -1, {"long_name": "unmasked pixels"}),
     "good_fraction": (("star",), "float32", float("nan"), {"long_name": "fraction of unmasked pixels"}),
-    "continuum_ok": (("star",), "bool", False, {"long_name": "pseudo-continuum finite and positive everywhere"}),
+    "continuum_ok": (("star",), "bool", False,
+                     {"long_name": "pseudo-continuum finite and positive everywhere, from unmasked pixels"}),
     "median_pixel_snr": (("star",), "float32", float("nan"),
                          {"long_name": "median flux*sqrt(ivar) over unmasked pixels", "units": "1"}),
 }
@@ -95,7 +96,8 @@ def preprocess_chunk(
                                       config.continuum_convention)
     quality = star_quality(wavelength, masked.flux, masked.ivar, masked.bitmask, norm.continuum, config.quality)
     bad = masked.bitmask != 0
-    continuum_ok = quality.n_invalid_continuum == 0
+    # A continuum built only from masked (tiny-ivar) pixels is finite but meaningless.
+    continuum_ok = (quality.n_invalid_continuum == 0) & (quality.n_good_pixels > 0)
     norm_ivar = np.where(bad, np.float32(config.mask.masked_ivar), norm.ivar).astype(np.float32)
     norm_flux = np.asarray(norm.flux, dtype=np.float32)
     undefined = ~np.isfinite(norm_flux)

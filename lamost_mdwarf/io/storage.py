@@ -57,7 +57,12 @@ class StoreLocation:
         """A zarr store object for this location."""
         if self.is_local:
             return zarr.storage.LocalStore(self.root, read_only=read_only)
-        return zarr.storage.FsspecStore(self.fs, path=self.root, read_only=read_only)
+        fs = self.fs
+        if not getattr(fs, "async_impl", False):  # e.g. memory://: zarr needs an async filesystem
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            fs = AsyncFileSystemWrapper(fs, asynchronous=True)
+        return zarr.storage.FsspecStore(fs, path=self.root, read_only=read_only)
 
     def exists(self) -> bool:
         """Whether something (a zarr group) already exists at the location."""

@@ -447,6 +447,15 @@ class SurveyStoreWriter:
                 return
 
     def _commit(self, n_stars: int) -> None:
+        try:
+            self._write_rows(n_stars)
+        except OSError as exc:
+            raise StoreError(
+                f"writing to {self.location.url} failed ({exc}); the store keeps its {self.n_star} committed "
+                "spectra intact. Fix the cause (disk full? permissions?) and rerun to continue."
+            ) from exc
+
+    def _write_rows(self, n_stars: int) -> None:
         # File rows that go with the first n_stars buffered stars, plus the star-less rows
         # (rejections, repeats) that follow them up to the next accepted file.
         seen, n_files = 0, 0

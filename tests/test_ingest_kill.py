@@ -106,3 +106,27 @@ def test_concurrent_ingest_refused(many_files, tmp_path):
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
+
+
+@pytest.mark.reliability
+def test_ten_sigkills_at_random_moments_then_resume(many_files, reference_store, tmp_path):
+    """kill -9 at random moments (cluster start, reading, committing), resume each time."""
+    rng = np.random.default_rng(2026)
+    store = tmp_path / "random.zarr"
+    killed_with_rows = 0
+    for trial in range(10):
+        proc = run_cli(store, many_files, start_new_session=True)
+        time.sleep(float(rng.uniform(0.5, 6.0)))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        ds = open_survey_store(store) if (store / "zarr.json").exists() else None
+        if ds is not None:
+            ids = ds["spectrum_id"].values.astype(str)
+            assert len(ids) == len(set(ids)) == ds.sizes["star"], f"trial {trial}: duplicated stars"
+            killed_with_rows += 0 < ds.sizes["star"] < 400
+    assert killed_with_rows >= 3, "the kills should land while rows are being committed"
+    resumed = run_cli(store, many_files)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same(store, reference_store)

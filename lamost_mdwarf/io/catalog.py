@@ -14,6 +14,8 @@ import numpy as np
 import xarray as xr
 from astropy.table import Table
 
+from lamost_mdwarf.io.label_catalog import LABEL_UNITS
+
 __all__ = ["CATALOG_COLUMNS", "EXTRA_COLUMNS", "CATALOG_FORMATS", "results_to_table", "write_catalog"]
 
 #: Required catalog columns, in order, with their units (None: dimensionless or text).
@@ -21,14 +23,8 @@ CATALOG_COLUMNS: dict[str, u.UnitBase | None] = {
     "designation": None,
     "spectrum_id": None,
     "obsid": None,
-    "teff": u.K,
-    "teff_err": u.K,
-    "radius": u.Rsun,
-    "radius_err": u.Rsun,
-    "mass": u.Msun,
-    "mass_err": u.Msun,
-    "luminosity": u.Lsun,
-    "luminosity_err": u.Lsun,
+    **{name: LABEL_UNITS[name] for label in ("teff", "radius", "mass", "luminosity")
+       for name in (label, f"{label}_err")},
     "snr_lambda": None,
     "subclass": None,
     "chi2": None,

@@ -21,7 +21,7 @@ exception (astropy, zlib, numpy) escape for a bad file.
 """
 from __future__ import annotations
 
-import gzip
+import io
 import math
 import os
 import re
@@ -327,41 +327,63 @@ def _parse_card_value(text: str) -> Any:
         return _UNPARSED
 
 
-def read_primary_header_cards(path: Path) -> dict[str, str]:
-    """Raw value fields of the primary header's keyword cards (checks the FITS magic).
+#: Largest decompressed size accepted for one spectrum file (a LAMOST file is ~100 KB).
+MAX_FILE_BYTES = 64 * 2**20
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """The file's FITS bytes, gunzipped when gzip-compressed (checks size and magic).
 
     Raises
     ------
     LamostReadError
-        Empty file, not FITS, corrupt gzip stream, or a header without END.
+        Unreadable, empty, corrupt gzip stream, too large, or not FITS.
     """
     try:
-        with open(path, "rb") as raw:
-            head = raw.read(2)
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise LamostReadError(path, f"cannot open file ({exc.strerror or exc})") from None
-    if not head:
+    if not raw:
         raise LamostReadError(path, "empty file")
-    opener = gzip.open if head == _GZIP_MAGIC else open
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            decompressor = zlib.decompressobj(wbits=31)
+            data = decompressor.decompress(raw, MAX_FILE_BYTES + 1)
+        except zlib.error as exc:
+            raise LamostReadError(path, f"corrupt gzip stream ({exc})") from None
+        if not decompressor.eof and len(data) <= MAX_FILE_BYTES:
+            raise LamostReadError(path, "corrupt or truncated gzip stream (ends early)")
+    else:
+        data = raw
+    if len(data) > MAX_FILE_BYTES:
+        raise LamostReadError(path, f"file larger than {MAX_FILE_BYTES // 2**20} MiB: not a LAMOST spectrum")
+    if not data.startswith(_FITS_MAGIC):
+        raise LamostReadError(path, "not a FITS file (no 'SIMPLE  =' card at the start)")
+    return data
+
+
+def primary_header_cards(data: bytes, path: Path) -> dict[str, str]:
+    """Raw value fields of the primary header's keyword cards.
+
+    Raises
+    ------
+    LamostReadError
+        A header without END within :data:`_MAX_HEADER_BLOCKS` blocks, or truncated.
+    """
     cards: dict[str, str] = {}
-    try:
-        with opener(path, "rb") as handle:
-            for block_index in range(_MAX_HEADER_BLOCKS):
-                block = handle.read(_BLOCK)
-                if block_index == 0 and not block.startswith(_FITS_MAGIC):
-                    raise LamostReadError(path, "not a FITS file (no 'SIMPLE  =' card at the start)")
-                if len(block) < _BLOCK:
-                    raise LamostReadError(path, "truncated FITS header (no END card)")
-                text = block.decode("ascii", errors="replace")
-                for start in range(0, _BLOCK, _CARD):
-                    card = text[start:start + _CARD]
-                    keyword = card[:8].rstrip()
-                    if keyword == "END":
-                        return cards
-                    if card[8:10] == "= " and keyword not in cards:
-                        cards[keyword] = card[10:]
-    except (OSError, EOFError, zlib.error) as exc:
-        raise LamostReadError(path, f"corrupt gzip stream ({exc})") from None
+    for block_index in range(_MAX_HEADER_BLOCKS):
+        block = data[block_index * _BLOCK:(block_index + 1) * _BLOCK]
+        if len(block) < _BLOCK:
+            raise LamostReadError(path, "truncated FITS header (no END card)")
+        text = block.decode("ascii", errors="replace")
+        for start in range(0, _BLOCK, _CARD):
+            card = text[start:start + _CARD]
+            keyword = card[:8].rstrip()
+            if keyword == "END":
+                return cards
+            if card[8:10] == "= " and keyword not in cards:
+                cards[keyword] = card[10:]
     raise LamostReadError(path, f"no END card in the first {_MAX_HEADER_BLOCKS} header blocks")
 
 
@@ -475,12 +497,13 @@ def read_lamost_spectrum(path: str | os.PathLike) -> LamostSpectrum:
     path = Path(path)
     if not path.is_file():
         raise LamostReadError(path, "no such file")
-    cards = read_primary_header_cards(path)
+    data = read_file_bytes(path)
+    cards = primary_header_cards(data, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", category=UserWarning)
             warnings.filterwarnings("ignore", message=".*(non-ASCII|invalid|verify|keyword).*")
-            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+            with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False) as hdul:
                 return _read_open_file(path, hdul, cards)
     except LamostReadError:
         raise

@@ -34,16 +34,33 @@ Algorithm
   ``theta(s2)`` for ``D'``).
 * ``s2 = 0`` is accepted when ``D(0) >= 0`` (the likelihood decreases away from the
   boundary). Otherwise the root of ``D`` is found by safeguarded Newton iterations in
-  ``t = ln s2`` (``rtsafe``), started from the moment estimate
-  ``s2 = sum w^2 (r^2 - sigma^2) / sum w^2`` at ``s2 = 0``, inside a bracket
-  ``[ln s2_floor, +inf)`` that every evaluation narrows (``s2_floor = s2_floor_relative *
-  min_n sigma_np^2``). A Newton step that leaves the bracket, meets non-positive
-  curvature or does not shrink fast enough is replaced by a bisection in ``ln s2`` (or,
-  while no upper end with ``D > 0`` is known, by an expansion ``s2 -> 10 s2``).
+  ``t = ln s2`` (``rtsafe``), inside a bracket ``[ln s2_floor, +inf)`` that every
+  evaluation narrows (``s2_floor = s2_floor_relative * min_n sigma_np^2``). A Newton step
+  that leaves the bracket, meets non-positive curvature or does not shrink fast enough is
+  replaced by a bisection in ``ln s2`` (or, while no upper end with ``D > 0`` is known, by
+  an expansion ``s2 -> 10 s2``).
+* The search starts from the moment estimate ``s2_m = sum w^2 (r0^2 - sigma^2) / sum w^2``
+  (``w = ivar``, residuals ``r0`` of the ``s2 = 0`` fit) improved by one re-weighting step
+  ``s2_m + (sum (w r0)^2 - sum w) / sum w^2`` with ``w = 1 / (sigma^2 + s2_m)`` (a
+  fixed-point step of the likelihood equation with ``r0`` held fixed). This only moves
+  the start closer to the root (typically from 5 % to 1 % in ``s2``, about one likelihood
+  evaluation less per pixel); the root and the convergence test are unchanged.
 * A pixel is converged when the last ``ln s2`` step, the next Newton step (where the
   curvature is positive) or the bracket width is below ``tol_log_s2`` (the relative
   precision of ``s2``). Non-converged pixels keep their last
   iterate (finite) and are flagged.
+
+Implementation
+--------------
+The pixels are processed in blocks of about ``2**17 / N`` pixels whose flux and ivar are
+copied to ``(pixels, N)`` work arrays (a pixel's stars contiguous, about 1 MiB per array),
+reused by every block, so that the elementwise passes of an evaluation run on
+cache-resident data. Per evaluation there is one ``(pixels, N) @ (N, T(T+1)/2)`` product
+for ``A^T W A``, three thin ``(pixels, N) @ (N, T)``-sized products, two batched ``T x T``
+solves and about ten elementwise passes (weights from the precomputed ``sigma^2 = 1 /
+ivar``, residuals, weighted residuals, the reductions of ``D`` and ``D'``). Pixels leave
+their block as soon as they finish; the ``ln w`` sum of the NLL, the only logarithms, is
+computed once per pixel at its final iterate.
 
 Inverse variances are used exactly as given: tiny values (e.g. 1e-5 for masked pixels)
 are neither clamped nor modified, and no input array is modified.
@@ -62,6 +79,17 @@ __all__ = [
 
 
 _LOG_EXPANSION = np.log(10.0)
+
+#: Pixels are processed in blocks of about this many (pixel, star) entries (1 MiB per
+#: float64 work array), so that the elementwise passes run on cache-resident data.
+_BLOCK_ENTRIES = 2**17
+_MIN_BLOCK_PIXELS = 16
+
+if hasattr(np, "vecdot"):
+    _rowdot = np.vecdot  # sum over the last axis of a * b (real input)
+else:  # numpy < 2.0
+    def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.einsum("...n,...n->...", a, b)
 
 
 class TrainingResult(NamedTuple):
@@ -91,13 +119,6 @@ class TrainingResult(NamedTuple):
     converged: np.ndarray
     n_iterations: np.ndarray
     neg_log_likelihood: np.ndarray
-
-
-class _Evaluation(NamedTuple):
-    theta: np.ndarray  # (P, T)
-    nll: np.ndarray  # (P,)
-    d_nll: np.ndarray  # (P,) derivative of the profile NLL w.r.t. s2
-    d2_nll: np.ndarray  # (P,) second derivative of the profile NLL w.r.t. s2
 
 
 def profile_likelihood(
@@ -131,8 +152,7 @@ def profile_likelihood(
     s2 = np.broadcast_to(np.asarray(s2, dtype=np.float64), (flux.shape[1],))
     if not np.all(np.isfinite(s2)) or np.any(s2 < 0):
         raise ValueError("s2 must be finite and >= 0")
-    evaluation = _evaluate(design, _outer_triu(design), flux, ivar, s2, derivatives=False)
-    return evaluation.theta, evaluation.nll
+    return _evaluate(design, _outer_triu(design), flux, ivar, s2)
 
 
 def train_pixels(
@@ -180,8 +200,9 @@ def train_pixels(
 
     Notes
     -----
-    Memory use is a few ``(N, P)`` float64 arrays plus ``P T^2`` floats. See the module
-    docstring for the algorithm.
+    Memory use is the inputs (converted to float64 if they are not), six work arrays of
+    about 1 MiB each and ``O(P T)`` floats for the results. See the module docstring for
+    the algorithm and its implementation.
     """
     if not (np.isfinite(tol_log_s2) and tol_log_s2 > 0):
         raise ValueError(f"tol_log_s2 must be finite and > 0, got {tol_log_s2!r}")
@@ -195,95 +216,237 @@ def train_pixels(
     if n_stars <= n_terms:
         raise ValueError(f"need more training stars than design terms, got N={n_stars}, T={n_terms}")
 
-    theta = np.full((n_pixels, n_terms), np.nan)
-    s2 = np.full(n_pixels, np.nan)
-    nll = np.full(n_pixels, np.nan)
-    converged = np.zeros(n_pixels, dtype=bool)
-    n_iter = np.zeros(n_pixels, dtype=np.int64)
-
+    out = TrainingResult(
+        theta=np.full((n_pixels, n_terms), np.nan),
+        s2=np.full(n_pixels, np.nan),
+        converged=np.zeros(n_pixels, dtype=bool),
+        n_iterations=np.zeros(n_pixels, dtype=np.int64),
+        neg_log_likelihood=np.full(n_pixels, np.nan),
+    )
     usable = np.count_nonzero(ivar > 0, axis=0) > n_terms
     pix = np.flatnonzero(usable)
     if pix.size == 0:
-        return TrainingResult(theta, s2, converged, n_iter, nll)
-    outer = _outer_triu(design)
+        return out
+    fixed = _FixedTerms(design)
+    block = min(pix.size, max(_MIN_BLOCK_PIXELS, _BLOCK_ENTRIES // n_stars))
+    work = np.empty((6, block, n_stars))  # reused by every block (no fresh pages per block)
+    for start in range(0, pix.size, block):
+        cols = pix[start:start + block]
+        if cols[-1] - cols[0] == cols.size - 1:  # a contiguous run: a view, no gather
+            cols = slice(int(cols[0]), int(cols[-1]) + 1)
+        _train_block(fixed, flux, ivar, pix[start:start + block], cols, work, out,
+                     float(tol_log_s2), int(max_iterations), float(s2_floor_relative))
+    return out
 
-    # Phase 0: the s2 = 0 boundary.
-    ev = _evaluate(design, outer, flux[:, pix], ivar[:, pix], np.zeros(pix.size))
-    theta[pix], s2[pix], nll[pix], n_iter[pix] = ev.theta, 0.0, ev.nll, 1
-    at_zero = ev.d_nll >= 0
-    converged[pix[at_zero]] = True
-    inner = ~at_zero
-    pix, theta_at_zero = pix[inner], ev.theta[inner]
-    if pix.size == 0:
-        return TrainingResult(theta, s2, converged, n_iter, nll)
 
-    f_act, iv_act = flux[:, pix], ivar[:, pix]
-    s2_floor = s2_floor_relative / iv_act.max(axis=0)
+class _FixedTerms:
+    """Everything that depends on the design matrix only, computed once per call."""
+
+    def __init__(self, design: np.ndarray) -> None:
+        n_terms = design.shape[1]
+        self.n_terms = n_terms
+        self.design = design  # (N, T)
+        self.design_t = np.ascontiguousarray(design.T)  # (T, N)
+        self.outer = _outer_triu(design)  # (N, T(T+1)/2)
+        rows, cols = np.triu_indices(n_terms)
+        to_triu = np.empty((n_terms, n_terms), dtype=np.intp)
+        to_triu[rows, cols] = to_triu[cols, rows] = np.arange(rows.size)
+        self.to_triu = to_triu.ravel()  # full (T, T) entry -> its upper-triangle column
+
+    def normal_matrices(self, weight: np.ndarray) -> np.ndarray:
+        """``A^T W A`` of every row of ``weight`` (pixels, N), shape (pixels, T, T)."""
+        triu = weight @ self.outer
+        return np.take(triu, self.to_triu, axis=1).reshape(-1, self.n_terms, self.n_terms)
+
+    def fit(self, weight: np.ndarray, flux: np.ndarray, wf: np.ndarray, resid: np.ndarray):
+        """Weighted least squares per row: ``theta`` (pixels, T), normal matrices, residuals.
+
+        ``wf`` and ``resid`` are (pixels, N) work buffers; ``resid`` receives
+        ``flux - theta . A`` and ``wf`` is left holding ``weight * flux``.
+        """
+        normal = self.normal_matrices(weight)
+        np.multiply(weight, flux, out=wf)
+        theta = _batched_solve(normal, wf @ self.design)
+        np.matmul(theta, self.design_t, out=resid)
+        np.subtract(flux, resid, out=resid)
+        return theta, normal, resid
+
+
+def _train_block(fixed: _FixedTerms, flux, ivar, pixels, cols, work, out: TrainingResult,
+                 tol_log_s2: float, max_iterations: int, s2_floor_relative: float) -> None:
+    """Run the full optimisation for one block of usable pixels, writing into ``out``.
+
+    Parameters
+    ----------
+    fixed : _FixedTerms
+        Design-only terms.
+    flux, ivar : numpy.ndarray
+        The validated (N, P) float64 inputs (not modified).
+    pixels : numpy.ndarray
+        Indices (B,) of the block's pixels in P.
+    cols : slice or numpy.ndarray
+        The same pixels as a slice when they are contiguous (no gather needed).
+    work : numpy.ndarray
+        Work buffer, shape (6, >= B, N).
+    out : TrainingResult
+        Output arrays; the block's entries are written.
+    tol_log_s2, max_iterations, s2_floor_relative
+        As in :func:`train_pixels`.
+
+    Notes
+    -----
+    Work arrays are laid out (pixels, N) so that a pixel's stars are contiguous, the
+    still-active pixels are a compact block of rows and every elementwise pass and
+    reduction runs over cache-resident data. Pixels leave the block as soon as they
+    finish (converged or out of iterations); their ``ln w`` sum (the only logarithms)
+    and NLL are computed once, at their final iterate.
+    """
+    n_block = pixels.size
+    work = work[:, :n_block]
+    iv, f = work[4], work[5]  # (B, N)
+    iv[...] = ivar[:, cols].T
+    f[...] = flux[:, cols].T
+
+    # Phase 0: the s2 = 0 boundary (w = ivar).
+    theta0, _, resid = fixed.fit(iv, f, work[0], work[1])
+    w_resid = np.multiply(iv, resid, out=work[0])
+    sum_w = iv.sum(axis=1)
+    sum_wr2 = _rowdot(w_resid, w_resid)
+    d0 = 0.5 * (sum_w - sum_wr2)
+    at_zero = d0 >= 0
+    out.n_iterations[pixels] = 1
+    if at_zero.any():
+        z = np.flatnonzero(at_zero)
+        g = pixels[z]
+        out.theta[g] = theta0[z]
+        out.s2[g] = 0.0
+        out.converged[g] = True
+        out.neg_log_likelihood[g] = 0.5 * (_rowdot(w_resid[z], resid[z])
+                                           - _sum_log(iv[z], not np.all(iv[z] > 0)))
+    keep = np.flatnonzero(~at_zero)
+    if keep.size == 0:
+        return
+    if keep.size < n_block:
+        iv, f, resid, pixels = iv[keep], f[keep], resid[keep], pixels[keep]
+        sum_w, sum_wr2 = sum_w[keep], sum_wr2[keep]
+    s2_floor = s2_floor_relative / iv.max(axis=1)
     log_lo = np.log(s2_floor)
 
-    # Phase 1: safeguarded Newton (rtsafe) on D(exp(t)) = 0 in t = ln s2, from the moment
-    # estimate s2 = sum w^2 (r^2 - sigma^2) / sum w^2 at s2 = 0 (w = ivar). The bracket
-    # starts as [ln s2_floor, +inf); while no point with D > 0 is known, steps that would
-    # leave it are replaced by an expansion t + ln 10, afterwards by a bisection.
-    resid0 = f_act - design @ theta_at_zero.T
-    guess = np.sum(iv_act * (iv_act * resid0 * resid0 - 1.0), axis=0) / np.sum(iv_act * iv_act, axis=0)
-    log_hi = np.full(pix.size, np.inf)
-    log_x = np.log(np.where(np.isfinite(guess) & (guess > 10.0 * s2_floor), guess, 10.0 * s2_floor))
-    d_x = np.zeros(pix.size)
-    slope_x = np.ones(pix.size)
-    step = np.full(pix.size, np.inf)
-    step_old = np.full(pix.size, np.inf)  # the "step before last" of rtsafe
+    # Phase 1: safeguarded Newton (rtsafe) on D(exp(t)) = 0 in t = ln s2 (see
+    # _starting_log_s2 for the start). The bracket starts as [ln s2_floor, +inf); while no
+    # point with D > 0 is known, steps that would leave it are replaced by an expansion
+    # t + ln 10, afterwards by a bisection.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        guess = (sum_wr2 - sum_w) / _rowdot(iv, iv)
+        variance = np.divide(1.0, iv)  # inf where ivar == 0: weight 1 / (inf + s2) = 0
+    del iv
+    has_zero_weight = not np.all(np.isfinite(variance))
+    log_x = _starting_log_s2(guess, variance, resid, s2_floor, work[2, :keep.size], work[3, :keep.size])
+    m = pixels.size
+    log_hi = np.full(m, np.inf)
+    d_x = np.zeros(m)
+    slope_x = np.ones(m)
+    step = np.full(m, np.inf)
+    step_old = np.full(m, np.inf)  # the "step before last" of rtsafe
+    n_iter = 1
     first = True
-    active = np.ones(pix.size, dtype=bool)
-    while active.any():
-        idx = np.flatnonzero(active)
-        lo, hi, t = log_lo[idx], log_hi[idx], log_x[idx]
+    while m:
+        lo, hi, t = log_lo, log_hi, log_x
         if first:
             t_new = t
         else:
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                newton = t - d_x[idx] / slope_x[idx]
+                newton = t - d_x / slope_x
             bounded = np.isfinite(hi)
             fallback = (
                 ~np.isfinite(newton)
-                | ~(slope_x[idx] > 0)
+                | ~(slope_x > 0)
                 | (newton <= lo)
                 | (newton >= hi)
-                | (bounded & (2.0 * np.abs(newton - t) > np.abs(step_old[idx])))
+                | (bounded & (2.0 * np.abs(newton - t) > np.abs(step_old)))
                 | (~bounded & (newton > t + _LOG_EXPANSION))
             )
             safe = np.where(bounded, 0.5 * (lo + hi), t + _LOG_EXPANSION)
             t_new = np.where(fallback, safe, newton)
-            step_old[idx] = step[idx]
-            step[idx] = t_new - t
+            step_old = step
+            step = t_new - t
 
         s2_new = np.exp(t_new)
-        ev = _evaluate(design, outer, f_act[:, idx], iv_act[:, idx], s2_new)
-        _store(theta, s2, nll, pix[idx], ev, s2_new)
-        n_iter[pix[idx]] += 1
-        log_x[idx], d_x[idx], slope_x[idx] = t_new, ev.d_nll, s2_new * ev.d2_nll  # slope = dD/dt
-        below = ev.d_nll < 0
-        log_lo[idx[below]] = t_new[below]
-        log_hi[idx[~below]] = t_new[~below]
+        weight = np.add(variance, s2_new[:, None], out=work[2, :m])
+        np.divide(1.0, weight, out=weight)
+        theta, normal, resid = fixed.fit(weight, f, work[0, :m], work[1, :m])
+        w_resid = np.multiply(weight, resid, out=work[0, :m])
+        sum_w = weight.sum(axis=1)
+        sum_w2 = _rowdot(weight, weight)
+        sum_wr2 = _rowdot(w_resid, w_resid)
+        d_nll = 0.5 * (sum_w - sum_wr2)
+        ww_resid = np.multiply(weight, w_resid, out=work[3, :m])
+        sum_w3r2 = _rowdot(ww_resid, w_resid)
+        cross = ww_resid @ fixed.design  # (m, T): sum_n w^2 r A_n
+        correction = _rowdot(cross, _batched_solve(normal, cross))
+        d2_nll = 0.5 * (2.0 * sum_w3r2 - sum_w2) - correction
+        n_iter += 1
 
+        log_x, d_x, slope_x = t_new, d_nll, s2_new * d2_nll  # slope = dD/dt
+        below = d_nll < 0
+        log_lo = np.where(below, t_new, log_lo)
+        log_hi = np.where(below, log_hi, t_new)
         with np.errstate(divide="ignore", invalid="ignore"):
-            predicted_step = np.abs(d_x[idx] / slope_x[idx])  # Newton's distance to the root
+            predicted_step = np.abs(d_x / slope_x)  # Newton's distance to the root
         done = (
-            (np.abs(step[idx]) < tol_log_s2)
-            | ((slope_x[idx] > 0) & (predicted_step < tol_log_s2))
-            | ((log_hi[idx] - log_lo[idx]) < tol_log_s2)
-            | (ev.d_nll == 0)
+            (np.abs(step) < tol_log_s2)
+            | ((slope_x > 0) & (predicted_step < tol_log_s2))
+            | ((log_hi - log_lo) < tol_log_s2)
+            | (d_nll == 0)
         )
-        converged[pix[idx[done]]] = True
-        active[idx[done | (n_iter[pix[idx]] >= max_iterations)]] = False
+        finished = done | (n_iter >= max_iterations)
+        if finished.any():
+            k = np.flatnonzero(finished)
+            g = pixels[k]
+            out.theta[g] = theta[k]
+            out.s2[g] = s2_new[k]
+            out.converged[g] = done[k]
+            out.n_iterations[g] = n_iter
+            out.neg_log_likelihood[g] = 0.5 * (_rowdot(w_resid[k], resid[k])
+                                               - _sum_log(weight[k], has_zero_weight))
+            keep = np.flatnonzero(~finished)
+            m = keep.size
+            if m:
+                variance, f, pixels = variance[keep], f[keep], pixels[keep]
+                log_lo, log_hi, log_x = log_lo[keep], log_hi[keep], log_x[keep]
+                d_x, slope_x, step, step_old = d_x[keep], slope_x[keep], step[keep], step_old[keep]
         first = False
-    return TrainingResult(theta, s2, converged, n_iter, nll)
 
 
-def _store(theta, s2, nll, pixels, ev: _Evaluation, s2_values) -> None:
-    theta[pixels] = ev.theta
-    s2[pixels] = s2_values
-    nll[pixels] = ev.nll
+def _starting_log_s2(moment, variance, resid0, s2_floor, weight, w_resid) -> np.ndarray:
+    """Starting ``ln s2`` of the Newton search, from the residuals of the ``s2 = 0`` fit.
+
+    ``moment = sum w^2 (r^2 - sigma^2) / sum w^2`` with ``w = ivar`` is the moment estimate
+    of the scatter. With the residuals ``r0`` held fixed, the scatter maximising the
+    likelihood solves ``sum w^2 (r0^2 - sigma^2 - s2) = 0`` with ``w = 1 / (sigma^2 +
+    s2)``; one fixed-point step of that equation from the moment estimate (re-weighting
+    with ``w`` at the moment estimate) removes most of its error on heteroscedastic data
+    (typically 5 % -> 1 % in ``s2``), which saves about one likelihood evaluation per
+    pixel. Using ``w sigma^2 = 1 - s2 w``, the step is ``s2 + (sum (w r0)^2 - sum w) /
+    sum w^2``. Values that are not finite or below ``10 s2_floor`` are replaced by
+    ``10 s2_floor``. Only the start depends on this: the root found is the same.
+    ``weight`` and ``w_resid`` are (pixels, N) work buffers.
+    """
+    floor = 10.0 * s2_floor
+    start = np.where(np.isfinite(moment) & (moment > floor), moment, floor)
+    np.add(variance, start[:, None], out=weight)
+    np.divide(1.0, weight, out=weight)
+    np.multiply(weight, resid0, out=w_resid)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        refined = start + (_rowdot(w_resid, w_resid) - weight.sum(axis=1)) / _rowdot(weight, weight)
+    return np.log(np.where(np.isfinite(refined) & (refined > floor), refined, floor))
+
+
+def _sum_log(weight: np.ndarray, has_zeros: bool) -> np.ndarray:
+    """``sum_n ln w`` per row, entries with ``w == 0`` (no ``ln w`` term) skipped."""
+    if not has_zeros:
+        return np.log(weight).sum(axis=1)
+    return np.log(weight, out=np.zeros_like(weight), where=weight > 0).sum(axis=1)
 
 
 def _outer_triu(design: np.ndarray) -> np.ndarray:
@@ -314,25 +477,16 @@ def _evaluate(
     flux: np.ndarray,
     ivar: np.ndarray,
     s2: np.ndarray,
-    derivatives: bool = True,
-) -> _Evaluation:
-    """theta(s2), profile NLL and its first two s2-derivatives for a set of pixels."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """theta(s2) and the profile NLL for a set of pixels (flux, ivar of shape (N, P))."""
     n_terms = design.shape[1]
     weight = ivar / (1.0 + ivar * s2)  # (N, P)
     normal = _symmetric_from_triu(weight.T @ outer_triu, n_terms)  # (P, T, T)
     theta = _batched_solve(normal, (weight * flux).T @ design)
     resid = flux - design @ theta.T
-    w_resid = weight * resid
     log_w = np.log(weight, out=np.zeros_like(weight), where=weight > 0)
-    nll = 0.5 * (np.sum(w_resid * resid, axis=0) - log_w.sum(axis=0))
-    if not derivatives:
-        return _Evaluation(theta, nll, np.full_like(nll, np.nan), np.full_like(nll, np.nan))
-    w_resid_sq = w_resid * w_resid
-    d_nll = 0.5 * np.sum(weight - w_resid_sq, axis=0)
-    d2_fixed_theta = 0.5 * np.sum(2.0 * weight * w_resid_sq - weight * weight, axis=0)
-    cross = (weight * w_resid).T @ design  # (P, T): sum_n w^2 r A_n
-    correction = np.sum(cross * _batched_solve(normal, cross), axis=1)
-    return _Evaluation(theta, nll, d_nll, d2_fixed_theta - correction)
+    nll = 0.5 * (np.sum(weight * resid * resid, axis=0) - log_w.sum(axis=0))
+    return theta, nll
 
 
 def _validated(design, flux, ivar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -347,8 +501,11 @@ def _validated(design, flux, ivar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         )
     if not np.all(np.isfinite(design)):
         raise ValueError("design matrix must be finite")
-    if not np.all(np.isfinite(ivar)) or np.any(ivar < 0):
+    # min/max are single passes without temporaries; a NaN propagates into the minimum.
+    if ivar.size and not (ivar.min() >= 0 and np.isfinite(ivar.max())):
         raise ValueError("ivar must be finite and >= 0")
+    if np.isfinite(flux.sum()):  # a sum is finite only if every entry is (fast path)
+        return design, flux, ivar
     finite_flux = np.isfinite(flux)
     if np.any(~finite_flux & (ivar > 0)):
         raise ValueError("flux must be finite wherever ivar > 0")

@@ -7,11 +7,19 @@ import sys
 import numpy as np
 import pytest
 
-from lamost_mdwarf.kernels.cannon_design import design_jacobian, design_matrix, scale_labels, unscale_labels
+from lamost_mdwarf.kernels.cannon_design import (
+    design_jacobian,
+    design_matrix,
+    design_second_derivatives,
+    scale_labels,
+    unscale_labels,
+)
 from lamost_mdwarf.kernels.cannon_infer import (
     InferenceStatus,
+    SufficientStatistics,
     chi2_from_statistics,
     infer_labels,
+    optimize_labels,
     starting_points_from_training,
     sufficient_statistics,
 )
@@ -121,10 +129,10 @@ def test_errors_scale_with_physical_units(simulated, inferred):
     np.testing.assert_allclose(rescaled.chi2, inferred.chi2[:20], rtol=1e-9)
 
 
-def test_multi_start_finds_the_global_minimum():
-    # One label, model m(x) = th0 + th1 x + th2 x^2 with th1 = -1.5 th2 + small orthogonal
-    # part: chi2(x) ~ (x - 2)^2 [|th2|^2 (x + 0.5)^2 + e] has its global minimum at the
-    # truth x = 2 and a local one near x = -0.5, which is where descent from x = 0 ends.
+def two_minima_model():
+    """One label, model m(x) = th0 + th1 x + th2 x^2 with th1 = -1.5 th2 + small orthogonal
+    part: chi2(x) ~ (x - 2)^2 [|th2|^2 (x + 0.5)^2 + e] has its global minimum at the
+    truth x = 2, a local one near x = -0.5 and a local maximum between them."""
     rng = np.random.default_rng(11)
     n_pixels = 200
     th2 = rng.normal(scale=0.05, size=n_pixels)
@@ -134,7 +142,12 @@ def test_multi_start_finds_the_global_minimum():
     theta = np.column_stack([np.ones(n_pixels), -1.5 * th2 + ortho, th2])
     s2 = np.zeros(n_pixels)
     flux, ivar = observe(12, theta, s2, np.full((3, 1), 2.0))
-    pivots, scales = np.array([10.0]), np.array([2.0])
+    return flux, ivar, theta, s2, np.array([10.0]), np.array([2.0])
+
+
+def test_multi_start_finds_the_global_minimum():
+    # Descent from x = 0 ends in the local minimum near x = -0.5.
+    flux, ivar, theta, s2, pivots, scales = two_minima_model()
 
     single = infer_labels(flux, ivar, theta, s2, pivots, scales, pivots[None, :])
     assert single.converged.all()
@@ -146,6 +159,51 @@ def test_multi_start_finds_the_global_minimum():
     np.testing.assert_allclose(scale_labels(multi.labels, pivots, scales), 2.0, atol=0.01)
     assert np.all(multi.start_index == 1)
     assert np.all(multi.chi2 < single.chi2 - 100)
+
+
+def test_saddle_points_are_left_not_reported():
+    # Started exactly at the local maximum between the two minima (zero gradient, negative
+    # curvature), the optimiser must leave it: the Gauss-Newton Hessian (positive there)
+    # would call it converged.
+    flux, ivar, theta, s2, pivots, scales = two_minima_model()
+    stats = sufficient_statistics(flux, ivar, theta, s2)
+    grid = np.linspace(-0.5, 2.0, 2001)
+    chi2_grid = chi2_from_statistics(stats, np.broadcast_to(grid[None, :, None], (3, grid.size, 1)))
+    for n in range(3):
+        quartic = np.polyfit(grid, chi2_grid[n], 4)  # chi2 is exactly a quartic in x
+        critical = np.roots(np.polyder(quartic))
+        critical = np.sort(critical.real[np.abs(critical.imag) < 1e-9])
+        assert critical.size == 3 and np.polyval(np.polyder(quartic, 2), critical[1]) < 0
+        start = unscale_labels(critical[1:2, None], pivots, scales)
+        one = SufficientStatistics(*(np.asarray(field)[n : n + 1] for field in stats))
+        result = optimize_labels(one, pivots, scales, start)
+        assert result.status[0] == InferenceStatus.OK and result.n_iterations[0] <= 15
+        x = scale_labels(result.labels, pivots, scales)[0, 0]
+        assert min(abs(x - critical[0]), abs(x - critical[2])) < 1e-6
+        assert result.chi2[0] < np.polyval(quartic, critical[1]) - 100
+
+
+def test_ill_conditioned_but_positive_definite_hessian_is_not_singular():
+    # Two labels the spectra barely distinguish: Hessian eigenvalue ratio ~1e-11, far
+    # above float64 round-off (~1e-15); the covariance is valid and must be reported.
+    rng = np.random.default_rng(5)
+    n_pixels = 400
+    theta = np.zeros((n_pixels, 6))
+    theta[:, 0] = 1.0
+    theta[:, 1] = rng.normal(scale=0.05, size=n_pixels)
+    theta[:, 2] = theta[:, 1] + 1e-5 * rng.normal(scale=0.05, size=n_pixels)
+    s2 = np.zeros(n_pixels)
+    truth = np.array([[0.3, -0.2], [1.0, 1.0]])
+    flux, ivar = observe(6, theta, s2, truth, sigma=1e-5)
+    stats = sufficient_statistics(flux, ivar, theta, s2)
+    result = optimize_labels(stats, np.zeros(2), np.ones(2), np.zeros((1, 2)))
+    hessian = stats.quadratic[:, 1:3, 1:3]  # linear model: J^T Q J
+    eig = np.linalg.eigvalsh(hessian)
+    assert np.all(eig[:, 0] / eig[:, 1] < 1e-10) and np.all(eig[:, 0] / eig[:, 1] > 1e-12)
+    assert np.all(result.status == InferenceStatus.OK)
+    np.testing.assert_allclose(result.covariance, np.linalg.inv(hessian), rtol=1e-3)
+    errors = np.sqrt(np.diagonal(result.covariance, axis1=1, axis2=2))
+    assert np.all(np.abs(result.labels - truth) < 5 * errors)
 
 
 def test_inputs_are_not_modified(simulated):
@@ -263,3 +321,130 @@ def test_train_then_infer_round_trip():
     # Formal errors ignore the (small) uncertainty of the trained model: z-scatter ~ 1.
     assert np.all(z.std(axis=0) < 1.3) and np.all(z.std(axis=0) > 0.8)
     assert np.all(np.abs(np.median(z, axis=0)) < 0.3)
+
+
+# --- Curved valleys: a model trained on nearly collinear labels ---------------------------
+
+
+def m_dwarf_sequence(rng, n_stars):
+    """(Teff, R, M, L) of M dwarfs as in the TESS Cool Dwarf Catalog: ~2 dimensions in 4.
+
+    Teff from colour; M_K scattered about the main sequence; R and M functions of M_K
+    (Mann et al. 2015, 2019-like relations); L from Stefan-Boltzmann. Also a hidden
+    parameter (e.g. metallicity) that changes the spectrum but is not a label.
+    """
+    teff = rng.uniform(3000.0, 4000.0, n_stars)
+    mk = 9.5 - 4.0 * (teff - 3000.0) / 1000.0 + 0.3 * rng.normal(size=n_stars)
+    radius = 1.9515 - 0.3520 * mk + 0.01680 * mk**2 + 3e-4 * rng.normal(size=n_stars)
+    dmk = mk - 7.5
+    mass = 10 ** (-0.642 - 0.208 * dmk - 8.43e-4 * dmk**2 + 7.87e-3 * dmk**3) + 3e-4 * rng.normal(size=n_stars)
+    luminosity = radius**2 * (teff / 5772.0) ** 4
+    return np.column_stack([teff, radius, mass, luminosity]), 0.3 * rng.normal(size=n_stars)
+
+
+def m_dwarf_spectra(rng, labels, hidden, n_pixels=800, sigma=0.01):
+    """Absorption features driven by Teff (and a little by log g and the hidden parameter)."""
+    lines = np.random.default_rng(12345)
+    centre, width = lines.uniform(2900.0, 4100.0, n_pixels), lines.uniform(150.0, 600.0, n_pixels)
+    depth, gravity = lines.uniform(0.05, 0.4, n_pixels), lines.normal(scale=0.3, size=n_pixels)
+    hidden_sensitivity = lines.normal(scale=0.05, size=n_pixels)
+    teff, radius, mass, _ = labels.T
+    log_g = np.log10(mass / radius**2)
+    profile = 0.5 + 0.5 * np.tanh((centre - teff[:, None]) / width)
+    flux = 1.0 - depth * profile * (1.0 + gravity * (log_g[:, None] - 4.9)) + hidden_sensitivity * hidden[:, None]
+    return flux + sigma * rng.normal(size=flux.shape), np.full(flux.shape, sigma**-2)
+
+
+@pytest.fixture(scope="module")
+def curved_valley():
+    """89 training stars (as in the failing survey run), 5% of the pixels masked in all
+    but 18 of them: the trained coefficients of the off-sequence label combinations are
+    large and cancelling, so chi2 has narrow curved valleys (Hessian condition numbers
+    1e6-3e7 at the optima, as on the simulated LAMOST survey)."""
+    from lamost_mdwarf.kernels.cannon_design import compute_label_scaling
+    from lamost_mdwarf.kernels.cannon_train import train_pixels
+
+    rng = np.random.default_rng(0)
+    train_labels, train_hidden = m_dwarf_sequence(rng, 89)
+    scaling = compute_label_scaling(train_labels)
+    train_flux, train_ivar = m_dwarf_spectra(rng, train_labels, train_hidden)
+    for pixel in np.flatnonzero(np.random.default_rng(99).random(train_flux.shape[1]) < 0.05):
+        train_ivar[rng.permutation(89)[18:], pixel] = 1e-5
+    trained = train_pixels(
+        design_matrix(scale_labels(train_labels, scaling.pivots, scaling.scales)), train_flux, train_ivar
+    )
+    test_labels, test_hidden = m_dwarf_sequence(rng, 40)
+    flux, ivar = m_dwarf_spectra(rng, test_labels, test_hidden)
+    stats = sufficient_statistics(flux, ivar, trained.theta, trained.s2)
+    starts = starting_points_from_training(train_labels)
+    return stats, scaling, starts
+
+
+def test_curved_valleys_converge_in_few_iterations(curved_valley):
+    stats, scaling, starts = curved_valley
+    result = optimize_labels(stats, scaling.pivots, scaling.scales, starts)
+    x = scale_labels(result.labels, scaling.pivots, scaling.scales)
+    eig = np.linalg.eigvalsh(_exact_hessians(stats, x))
+    assert np.median(eig[:, -1] / eig[:, 0]) > 1e6  # the fixture really is ill-conditioned
+    assert np.all(result.status == InferenceStatus.OK)
+    # The previous Levenberg-Marquardt: median 66 iterations, 27% not converged in 100.
+    assert np.median(result.n_iterations) <= 15
+    assert result.n_iterations.max() <= 40
+    # Every start of every star converges within 60 iterations.
+    for k in range(starts.shape[0]):
+        single = optimize_labels(stats, scaling.pivots, scaling.scales, starts[k : k + 1], max_iterations=60)
+        assert single.converged.all(), k
+        assert np.all(single.chi2 >= result.chi2 * (1 - 1e-9))  # the winner is the best start
+
+
+def test_curved_valley_solutions_are_minima(curved_valley):
+    from scipy.optimize import minimize
+
+    stats, scaling, starts = curved_valley
+    result = optimize_labels(stats, scaling.pivots, scaling.scales, starts)
+    x = scale_labels(result.labels, scaling.pivots, scaling.scales)
+    for n in range(0, 40, 4):
+        one = SufficientStatistics(*(np.asarray(field)[n : n + 1] for field in stats))
+
+        def chi2(v, one=one):
+            return chi2_from_statistics(one, v[None])[0]
+
+        def gradient(v, one=one):
+            residual = one.quadratic[0] @ _centred(v[None])[0] - one.linear[0]
+            return 2.0 * design_jacobian(v[None])[0].T @ residual
+
+        polished = minimize(
+            chi2, x[n], jac=gradient, hess=lambda v, one=one: 2.0 * _exact_hessians(one, v[None])[0],
+            method="trust-exact", options={"gtol": 1e-10, "maxiter": 200},
+        )
+        # Nothing left to gain (chi2 round-off here is ~1e-9 relative).
+        assert polished.fun >= result.chi2[n] - 1e-7 * result.chi2[n]
+        errors = np.sqrt(np.diag(result.covariance[n])) / scaling.scales
+        assert np.all(np.abs(polished.x - x[n]) < 1e-3 * errors)
+
+
+def test_a_star_does_not_depend_on_the_rest_of_its_chunk(curved_valley):
+    # Given the same sufficient statistics, each star's fit is bit-for-bit the same whether
+    # it is optimised with 39 other stars or with a few (chunking must not change results).
+    stats, scaling, starts = curved_valley
+    everything = optimize_labels(stats, scaling.pivots, scaling.scales, starts)
+    for part in (slice(0, 3), slice(5, 18), slice(39, 40)):
+        sub = SufficientStatistics(*(np.asarray(field)[part] for field in stats))
+        alone = optimize_labels(sub, scaling.pivots, scaling.scales, starts)
+        np.testing.assert_array_equal(alone.labels, everything.labels[part])
+        np.testing.assert_array_equal(alone.chi2, everything.chi2[part])
+        np.testing.assert_array_equal(alone.n_iterations, everything.n_iterations[part])
+
+
+def _centred(x):
+    design = design_matrix(x)
+    design[:, 0] = 0.0
+    return design
+
+
+def _exact_hessians(stats, x):
+    """Exact Hessian of chi2/2 in scaled labels (written out independently of the module)."""
+    jac = design_jacobian(x)
+    residual = np.einsum("ntu,nu->nt", stats.quadratic, _centred(x)) - stats.linear
+    gauss_newton = np.einsum("ntk,ntu,nul->nkl", jac, stats.quadratic, jac)
+    return gauss_newton + np.einsum("nt,tkl->nkl", residual, design_second_derivatives(x.shape[1]))

@@ -32,6 +32,34 @@ class _Progress:
             self.bar.__exit__(None, None, None)
 
 
+def _mode_option(default: str | None):
+    """``--mode paper|best`` (see lamost_mdwarf.modes)."""
+    from lamost_mdwarf.modes import MODES
+
+    if default is None:
+        help_text = ("Check that the model was trained in this mode (paper|best); default: the model's own mode, "
+                     "recorded with it.")
+    else:
+        help_text = ("paper: Galgano et al. 2020 exactly (catalog labels, SNR>250 training set, SNR error model). "
+                     "best: latent training labels anchored to the catalog (Teff + 2 latent labels, R/M/L derived), "
+                     "robust clipped test step, cross-validated calibrated errors. See docs/bench_accuracy.md.")
+    return click.option("--mode", type=click.Choice(list(MODES)), default=default, show_default=default is not None,
+                        help=help_text)
+
+
+def _check_model_mode(model_path: str, mode: str | None) -> None:
+    """Refuse to validate/infer with a model trained in another mode than the one asked for."""
+    if mode is None:
+        return
+    from lamost_mdwarf.model import load_model
+    from lamost_mdwarf.modes import mode_from_settings
+
+    trained = mode_from_settings(load_model(model_path).settings).name
+    if trained != mode:
+        raise click.ClickException(f"{model_path} was trained in mode {trained!r}, not {mode!r}; retrain with "
+                                   f"`lamost-mdwarf train --mode {mode}`")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lamost-mdwarf")
 def main() -> None:
@@ -189,15 +217,18 @@ def select(store: str, labels_path: str, **kwargs) -> None:
 @click.option("--pixel-chunk", type=click.IntRange(min=1), default=250, show_default=True,
               help="Pixels per training task.")
 @click.option("--labels-set", default="teff,radius,mass,luminosity", show_default=True,
-              help="Comma-separated labels of the model.")
+              help="Comma-separated catalog labels (paper: the model's labels; best: teff plus the derived labels).")
+@_mode_option("best")
 @cluster_options
-def train(store: str, model_path: str, pixel_chunk: int, labels_set: str, **cluster_kwargs) -> None:
-    """Train The Cannon on the training subset of STORE."""
+def train(store: str, model_path: str, pixel_chunk: int, labels_set: str, mode: str, **cluster_kwargs) -> None:
+    """Train The Cannon on the training stars of STORE (mode paper: the training subset)."""
     from lamost_mdwarf.stages.train import run_train
 
     names = tuple(name.strip() for name in labels_set.split(",") if name.strip())
+    progress = _Progress("label refinement")
     with _user_errors(), dask_client_from_options(**cluster_kwargs):
-        model = run_train(store, model_path, names, pixel_chunk)
+        model = run_train(store, model_path, names, pixel_chunk, mode=mode, progress=progress)
+    progress.close()
     click.echo(f"model {model.model_hash}: {len(model.training_ids)} training stars, "
                f"{model.wavelength.size} pixels, {len(model.term_names)} terms -> {model_path}")
     click.echo(f"  pixels whose scatter did not converge: {int((~model.pixel_converged).sum())}")
@@ -208,13 +239,16 @@ def train(store: str, model_path: str, pixel_chunk: int, labels_set: str, **clus
 @click.option("--model", "model_path", required=True, help="Model to validate (updated with its error model).")
 @click.option("--validation-out", default=None, help="Write per-star validation residuals here (Zarr).")
 @click.option("--stars-per-bin", type=click.IntRange(min=5), default=None,
-              help="Stars per SNR bin of the error model (default: 1360, fewer for small sets).")
+              help="Stars per SNR bin of the error model (paper mode; default: 1360, fewer for small sets).")
+@_mode_option(None)
 @cluster_options
-def validate(store: str, model_path: str, validation_out: str | None, stars_per_bin: int | None,
+def validate(store: str, model_path: str, validation_out: str | None, stars_per_bin: int | None, mode: str | None,
              **cluster_kwargs) -> None:
-    """Apply the model to the validation subset; fit and store the SNR error model."""
+    """Apply the model to the validation subset; fit and store the error model (in the model's mode)."""
     from lamost_mdwarf.stages.validate import run_validate
 
+    with _user_errors():
+        _check_model_mode(model_path, mode)
     with _user_errors(), dask_client_from_options(**cluster_kwargs):
         summary = run_validate(store, model_path, validation_out, stars_per_bin)
     click.echo(summary.format())
@@ -225,14 +259,18 @@ def validate(store: str, model_path: str, validation_out: str | None, stars_per_
 @click.option("--model", "model_path", required=True, help="Trained (and validated) model.")
 @click.option("--results", "results_path", required=True, help="Results store to write/extend (Zarr).")
 @click.option("--chi2-max", type=float, default=5000.0, show_default=True, help="Final chi^2 cut.")
-@click.option("--error-mode", type=click.Choice(["error_model", "quadrature", "max"]), default="error_model",
-              show_default=True, help="Reported errors: the SNR error model (paper), or combined with formal.")
+@click.option("--error-mode", type=click.Choice(["error_model", "quadrature", "max", "calibrated"]), default=None,
+              help="Reported errors: the SNR error model (paper mode's default), combined with the formal error, "
+                   "or calibrated (best mode's default: formal and cross-validated systematic terms).")
+@_mode_option(None)
 @cluster_options
-def infer(store: str, model_path: str, results_path: str, chi2_max: float, error_mode: str,
+def infer(store: str, model_path: str, results_path: str, chi2_max: float, error_mode: str | None, mode: str | None,
           **cluster_kwargs) -> None:
-    """Infer labels for every usable spectrum of STORE into a results store."""
+    """Infer labels for every usable spectrum of STORE into a results store (in the model's mode)."""
     from lamost_mdwarf.stages.infer import InferSettings, run_infer
 
+    with _user_errors():
+        _check_model_mode(model_path, mode)
     progress = _Progress("inferring")
     with _user_errors(), dask_client_from_options(**cluster_kwargs):
         computed, total = run_infer(store, model_path, results_path, InferSettings(chi2_max, error_mode),
@@ -286,19 +324,20 @@ class _user_errors:
 @click.option("--retrain", is_flag=True, help="Retrain the model even if one exists in the work directory.")
 @click.option("--chi2-max", type=float, default=5000.0, show_default=True, help="Final chi^2 cut.")
 @click.option("--no-figures", is_flag=True, help="Skip the figures.")
+@_mode_option("best")
 @selection_options
 @cluster_options
 @click.argument("more_spectra", nargs=-1, type=str)
-def run(spectra, labels_path, workdir, release, retrain, chi2_max, no_figures, more_spectra, **kwargs) -> None:
+def run(spectra, labels_path, workdir, release, retrain, chi2_max, no_figures, mode, more_spectra, **kwargs) -> None:
     """Run everything from FITS files to catalog and figures, skipping what is up to date.
 
     Example: lamost-mdwarf run --spectra dr1/ dr7/ --labels tcd.csv --workdir work
     """
     _run_pipeline(list(spectra) + list(more_spectra), labels_path, workdir, release, retrain, chi2_max,
-                  not no_figures, kwargs)
+                  not no_figures, kwargs, mode)
 
 
-def _run_pipeline(spectra, labels_path, workdir, release, retrain, chi2_max, figures, kwargs):
+def _run_pipeline(spectra, labels_path, workdir, release, retrain, chi2_max, figures, kwargs, mode="best"):
     from lamost_mdwarf.pipeline import run_pipeline, setup_logging
     from lamost_mdwarf.stages.infer import InferSettings
 
@@ -318,7 +357,7 @@ def _run_pipeline(spectra, labels_path, workdir, release, retrain, chi2_max, fig
                 list(spectra), labels_path, workdir, client, release=release, retrain=retrain,
                 selection_config=selection["config"], label_columns=selection["columns"],
                 match_radius_arcsec=selection["radius_arcsec"], infer_settings=InferSettings(chi2_max=chi2_max),
-                make_figures=figures, progress_factory=progress_factory)
+                make_figures=figures, progress_factory=progress_factory, mode=mode)
     finally:
         for bar in bars:
             bar.close()
@@ -336,9 +375,10 @@ _CLUSTER_KEYS = ("scheduler", "cluster", "cluster_config", "n_workers", "threads
               help="Stars in the simulated survey.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--no-figures", is_flag=True, help="Skip the figures.")
+@_mode_option("best")
 @selection_options
 @cluster_options
-def demo(directory: Path, n_stars: int, seed: int, no_figures: bool, **kwargs) -> None:
+def demo(directory: Path, n_stars: int, seed: int, no_figures: bool, mode: str, **kwargs) -> None:
     """Simulate a LAMOST-like survey in DIRECTORY and run the whole pipeline on it."""
     from lamost_mdwarf.simulate.survey import simulate_survey
 
@@ -350,7 +390,7 @@ def demo(directory: Path, n_stars: int, seed: int, no_figures: bool, **kwargs) -
     else:
         click.echo(f"using the simulated survey in {survey_dir}", err=True)
     _run_pipeline([str(survey_dir / "spectra")], str(survey_dir / "labels_tcd.csv"), str(directory / "work"),
-                  None, False, 5000.0, not no_figures, kwargs)
+                  None, False, 5000.0, not no_figures, kwargs, mode)
 
 
 @main.command(name="store-info")

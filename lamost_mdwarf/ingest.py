@@ -24,6 +24,7 @@ from lamost_mdwarf.io.survey_store import (
     INGEST_FLAGS,
     STAR_VARIABLES,
     SurveyStoreWriter,
+    chunk_stars_for_memory,
 )
 from lamost_mdwarf.kernels.resample import NODATA_BIT, resample_to_rest_frame
 
@@ -200,7 +201,9 @@ def ingest(
     grid : WavelengthGrid, optional
         Grid of a new store (ignored for existing stores unless it conflicts).
     chunk_stars : int, optional
-        Stars per chunk of a new store.
+        Stars per chunk of a new store. Default: sized from the memory limit of the
+        client's workers (:func:`~lamost_mdwarf.io.survey_store.chunk_stars_for_memory`),
+        or ~24 MB flux chunks without a client or without a limit.
     batch_size : int
         Files per worker task.
     progress : callable, optional
@@ -212,6 +215,8 @@ def ingest(
     """
     started = time.perf_counter()
     files = discover_files(paths)
+    if chunk_stars is None and client is not None:
+        chunk_stars = _chunk_stars_for_workers(client, (grid or WavelengthGrid()).n_pixels)
     summary = IngestSummary(n_offered=len(files))
     with SurveyStoreWriter(store, grid=grid, chunk_stars=chunk_stars, purpose="ingest") as writer:
         todo = []
@@ -240,6 +245,16 @@ def ingest(
         summary.n_star_total = writer.n_star
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _chunk_stars_for_workers(client: Any, n_pixels: int) -> int:
+    """Chunk size of a new store that fits the memory of the client's workers (one task per thread)."""
+    from lamost_mdwarf.cluster import cluster_resources
+
+    resources = cluster_resources(client)
+    limit = resources.memory_limit_per_worker
+    per_task = None if limit is None else limit // max(1, resources.threads_per_worker)
+    return chunk_stars_for_memory(n_pixels, per_task)
 
 
 def _run_batches(

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lamost_mdwarf.grid import WavelengthGrid
 from lamost_mdwarf.io.derived_groups import derived_group_extent
 from lamost_mdwarf.io.survey_store import open_survey_store
 from lamost_mdwarf.model import load_model
+from lamost_mdwarf.modes import DEFAULT_MODE, get_mode, mode_from_settings
 from lamost_mdwarf.preprocessing import PreprocessConfig
 from lamost_mdwarf.selection import SelectionConfig, format_cut_table
 from lamost_mdwarf.stages.infer import InferSettings
@@ -194,6 +196,9 @@ def run_pipeline(
     infer_settings: InferSettings = InferSettings(),
     make_figures: bool = True,
     progress_factory: Callable[[str], Callable[[int, int], None]] | None = None,
+    mode: str = DEFAULT_MODE,
+    grid: WavelengthGrid | None = None,
+    chunk_stars: int | None = None,
 ) -> RunSummary:
     """Run every stage that is not up to date.
 
@@ -213,17 +218,28 @@ def run_pipeline(
         Retrain (and revalidate) even if a model exists.
     progress_factory : callable, optional
         ``progress_factory(label)`` returns a ``progress(done, total)`` callback.
+    mode : str
+        ``"best"`` (default) or ``"paper"`` (:mod:`lamost_mdwarf.modes`). An existing model
+        trained in another mode is retrained (and revalidated).
+    grid : WavelengthGrid, optional
+        Wavelength grid of a new survey store (default 4500-7500 A at 1 A); an existing
+        store keeps its grid (a different one is an error).
+    chunk_stars : int, optional
+        Stars per chunk of a new survey store; default: sized from the workers' memory
+        limit (:func:`lamost_mdwarf.io.survey_store.chunk_stars_for_memory`).
 
     Returns
     -------
     RunSummary
     """
+    mode_settings = get_mode(mode)
     layout = WorkdirLayout(Path(workdir))
     layout.root.mkdir(parents=True, exist_ok=True)
     handlers = setup_logging(layout.log)
     try:
         return _run_stages(layout, spectra, labels, client, release, retrain, preprocess_config, selection_config,
-                           label_columns, match_radius_arcsec, infer_settings, make_figures, progress_factory)
+                           label_columns, match_radius_arcsec, infer_settings, make_figures, progress_factory,
+                           mode_settings, grid, chunk_stars)
     finally:
         for handler in handlers:
             logger.removeHandler(handler)
@@ -231,7 +247,8 @@ def run_pipeline(
 
 
 def _run_stages(layout, spectra, labels, client, release, retrain, preprocess_config, selection_config,
-                label_columns, match_radius_arcsec, infer_settings, make_figures, progress_factory) -> RunSummary:
+                label_columns, match_radius_arcsec, infer_settings, make_figures, progress_factory,
+                mode, grid=None, chunk_stars=None) -> RunSummary:
     from lamost_mdwarf.ingest import ingest
     from lamost_mdwarf.io.catalog import results_to_table, write_catalog
     from lamost_mdwarf.stages.infer import open_results, run_infer
@@ -241,12 +258,13 @@ def _run_stages(layout, spectra, labels, client, release, retrain, preprocess_co
     from lamost_mdwarf.stages.validate import run_validate
 
     summary = RunSummary(layout)
-    logger.info(f"lamost_mdwarf run in {layout.root}")
+    logger.info(f"lamost_mdwarf run in {layout.root} (mode {mode.name})")
     state = _load_state(layout.state)
     progress = progress_factory or (lambda label: None)
 
     with _Timer(summary, "ingest"):
-        ingested = ingest(layout.store, spectra, release=release, client=client, progress=progress("ingest"))
+        ingested = ingest(layout.store, spectra, release=release, client=client, grid=grid,
+                          chunk_stars=chunk_stars, progress=progress("ingest"))
         summary.n_new_spectra = ingested.counts["ingested"]
         logger.info(ingested.format(max_rejected=5))
     if sum(ingested.counts.values()) == 0:
@@ -279,9 +297,12 @@ def _run_stages(layout, spectra, labels, client, release, retrain, preprocess_co
     summary.subset_counts = selection.attrs["counts"]
 
     trained = False
+    if not retrain and layout.model.exists() and mode_from_settings(load_model(layout.model).settings) != mode:
+        logger.info(f"the model in {layout.model} was trained in another mode; retraining in mode {mode.name}")
+        retrain = True
     if retrain or not layout.model.exists():
         with _Timer(summary, "train"):
-            model = run_train(layout.store, layout.model)
+            model = run_train(layout.store, layout.model, mode=mode, progress=progress("label refinement"))
             logger.info(f"model {model.model_hash} trained on {len(model.training_ids)} stars")
         trained = True
     else:

@@ -28,6 +28,7 @@ __all__ = [
     "prepare_derived_group",
     "write_derived_rows",
     "write_rows_in_blocks",
+    "block_rows_for",
     "settings_fingerprint",
 ]
 
@@ -165,6 +166,43 @@ def write_derived_rows(
         )
     group = _get(_root(store, "r+"), name)
     group.attrs.update({"n_star": int(stop), **(dict(extra_attrs) if extra_attrs else {})})
+
+
+def block_rows_for(chunk_stars: int, chunks_per_block: int, n_threads: int | None = None) -> int:
+    """Rows per committed block: ``chunks_per_block`` chunks, or two per worker thread if more.
+
+    Each block is one Dask computation followed by a commit on the client, so a block of
+    fewer chunks than worker threads would leave workers idle. Tasks stay one chunk each,
+    so worker memory does not depend on the block size.
+
+    Parameters
+    ----------
+    chunk_stars : int
+        Stars per chunk of the store.
+    chunks_per_block : int
+        Smallest number of chunks per block.
+    n_threads : int, optional
+        Worker threads of the cluster; default: those of the current Dask client (1 when
+        there is none).
+
+    Returns
+    -------
+    int
+        A multiple of ``chunk_stars``.
+    """
+    if n_threads is None:
+        n_threads = _client_threads()
+    return max(1, int(chunk_stars)) * max(1, int(chunks_per_block), 2 * int(n_threads))
+
+
+def _client_threads() -> int:
+    """Worker threads of the current distributed client (1 without one)."""
+    try:
+        from distributed import default_client
+
+        return max(1, sum(default_client().nthreads().values()))
+    except (ImportError, ValueError):
+        return 1
 
 
 def write_rows_in_blocks(

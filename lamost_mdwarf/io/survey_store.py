@@ -43,6 +43,7 @@ __all__ = [
     "SurveyStoreWriter",
     "open_survey_store",
     "default_chunk_stars",
+    "chunk_stars_for_memory",
     "as_object_strings",
     "open_committed",
 ]
@@ -137,6 +138,44 @@ class StoreError(RuntimeError):
 def default_chunk_stars(n_pixels: int, target_bytes: int = 24 * 2**20) -> int:
     """Stars per chunk so that one float32 pixel chunk holds about ``target_bytes``."""
     return max(1, int(target_bytes // (4 * n_pixels)))
+
+
+#: Resident bytes per pixel of a star chunk while a preprocess or inference task runs on it
+#: (its raw and normalized arrays, the outputs and the row-batch working set; measured
+#: 37-73 B per pixel on the default grid, see docs/bench_scaling.md).
+TASK_BYTES_PER_PIXEL = 80
+#: Memory a worker process needs besides its task (interpreter, libraries, kernel set-up).
+WORKER_OVERHEAD_BYTES = 256 * 2**20
+
+
+def chunk_stars_for_memory(n_pixels: int, memory_per_task: int | None, minimum: int = 16) -> int:
+    """Stars per chunk so that a task on one chunk fits a worker's memory.
+
+    Parameters
+    ----------
+    n_pixels : int
+        Pixels per spectrum on the store's grid.
+    memory_per_task : int or None
+        Memory limit of one worker divided by its threads, bytes; None (no limit) gives
+        :func:`default_chunk_stars`.
+    minimum : int
+        Smallest chunk returned.
+
+    Returns
+    -------
+    int
+        ``min(default_chunk_stars(n_pixels), 0.5 * (memory_per_task - 256 MiB) /
+        (80 B * n_pixels))``, at least ``minimum``: a task then uses about half of what
+        the worker has left besides its own footprint, well below Dask's pause (80%)
+        and terminate (95%) thresholds. 512 MiB workers get ~560-star chunks on the
+        default 3000-pixel grid; 2 GiB workers the default ~24 MB chunks.
+    """
+    default = default_chunk_stars(n_pixels)
+    if not memory_per_task:
+        return default
+    budget = 0.5 * (int(memory_per_task) - WORKER_OVERHEAD_BYTES)
+    rows = int(budget // (TASK_BYTES_PER_PIXEL * n_pixels)) if budget > 0 else 0
+    return max(int(minimum), min(default, rows))
 
 
 def _check_format(attrs: Mapping[str, Any], url: str) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from lamost_mdwarf.io.derived_groups import (
     DerivedGroupSpec,
+    block_rows_for,
     prepare_derived_group,
     write_rows_in_blocks,
 )
@@ -52,7 +53,8 @@ def run_preprocess(store: str | os.PathLike, config: PreprocessConfig = Preproce
     reset : bool
         Recompute every row.
     chunks_per_block : int
-        Star chunks computed and committed together (an interruption loses one block).
+        Star chunks computed and committed together (an interruption loses one block); at
+        least two per worker thread (:func:`~lamost_mdwarf.io.derived_groups.block_rows_for`).
     progress : callable, optional
         ``progress(rows_done, rows_total)`` after each block.
     """
@@ -66,6 +68,6 @@ def run_preprocess(store: str | os.PathLike, config: PreprocessConfig = Preproce
         write_rows_in_blocks(
             store, PREPROCESSED_GROUP,
             lambda a, b: preprocess_spectra(ds.isel(star=slice(a, b)), config),
-            start, n_star, chunks_per_block * chunk, progress,
+            start, n_star, block_rows_for(chunk, chunks_per_block), progress,
         )
     return PreprocessSummary(start, n_star)

@@ -17,7 +17,11 @@ Three layouts occur (see ``../shared/data/real/README.txt``):
 :func:`read_lamost_spectrum` returns the arrays on the file's own (observed-frame,
 vacuum, heliocentric) wavelength grid together with normalised metadata, or raises
 :class:`LamostReadError` naming the file and the reason. It never lets a low-level
-exception (astropy, zlib, numpy) escape for a bad file.
+exception (astropy, zlib, numpy) escape for a bad file, and a corrupt size keyword can
+neither make it loop nor allocate more than the (size-capped) file holds: header counts
+(NAXIS, TFIELDS) are checked on the raw cards before astropy parses them, and HDUs are
+loaded one at a time with each data span checked against the file
+(``tests/test_reader_fuzz.py`` fuzzes all of this with hypothesis).
 """
 from __future__ import annotations
 
@@ -72,6 +76,17 @@ _WAVELENGTH_ROW_RTOL = 1e-5
 #: Upper limit of a plausible pixel count; larger NAXIS values are treated as corrupt.
 MAX_PIXELS = 100_000
 
+#: Fewest pixels of a usable spectrum (resampling interpolates between two pixels).
+MIN_PIXELS = 2
+
+#: Most HDUs read from one file (a LAMOST medium-resolution file has 17); a corrupt size
+#: keyword can make astropy re-read the same header forever, which this bounds.
+MAX_HDUS = 64
+
+#: Plausible ranges of the identity keywords; a header value outside is treated as missing
+#: (the file name then supplies it), so that a corrupt card cannot produce an absurd id.
+_IDENT_RANGES = {"lmjd": (1, 999_999), "spid": (0, 99), "fiberid": (0, 9_999)}
+
 
 class LamostReadError(ValueError):
     """A file that is not a readable LAMOST low-resolution spectrum.
@@ -101,7 +116,9 @@ class LamostSpectrum:
     flux : numpy.ndarray
         Flux, relative flux calibration (arbitrary units), float32.
     ivar : numpy.ndarray
-        Inverse variance of ``flux`` (flux units^-2), float32; 0 marks a bad pixel.
+        Inverse variance of ``flux`` (flux units^-2), float32; 0 marks a bad pixel. Always
+        finite and >= 0: the reader sets it to 0 where the file's flux or inverse variance
+        is NaN/inf or the inverse variance is negative.
     andmask, ormask : numpy.ndarray
         LAMOST pixel mask bits (uint16): 1 BADCCD, 2 BADPROFILE, 4 NOSKY, 8 BRIGHTSKY,
         16 BADCENTER, 32 NODATA.
@@ -149,7 +166,8 @@ def make_spectrum_id(lmjd: int, planid: str, spid: int, fiberid: int) -> str:
     str
     """
     planid = str(planid).strip()
-    if not planid or any(c in planid for c in "/\\ \t\n"):
+    # printable ASCII only: the id names files and keys stores (no blanks, slashes, controls)
+    if not planid or any(c in planid for c in "/\\") or not all("!" <= c <= "~" for c in planid):
         raise ValueError(f"invalid PLANID {planid!r}")
     lmjd, spid, fiberid = int(lmjd), int(spid), int(fiberid)
     if lmjd <= 0 or spid < 0 or fiberid < 0:
@@ -209,12 +227,12 @@ def normalize_data_release(data_v: Any, layout: str) -> str:
 
 
 def _clean_float(value: Any) -> float:
-    """A header number as float; sentinels, blanks and non-numbers become NaN."""
+    """A header number as float; sentinels, blanks, non-numbers and overflows become NaN."""
     if value is None or isinstance(value, bool):
         return math.nan
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond 1e308
         return math.nan
     if not math.isfinite(number) or number in _MISSING_SENTINELS:
         return math.nan
@@ -222,11 +240,14 @@ def _clean_float(value: Any) -> float:
 
 
 def _clean_int(value: Any) -> int | None:
+    """A header integer (exact for ints; integral floats accepted), else None."""
     if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if not math.isfinite(number) or number != int(number):
         return None
@@ -281,7 +302,10 @@ class PrimaryHeaderValues:
         value = self._value(key)
         if value is _UNPARSED:
             if key in self._cards and self.header is not None:
-                return self.header.get(key, default)
+                try:
+                    return self.header.get(key, default)
+                except (fits.VerifyError, ValueError):  # an unparsable card counts as missing
+                    return default
             return default
         return value
 
@@ -334,33 +358,58 @@ MAX_FILE_BYTES = 64 * 2**20
 def read_file_bytes(path: Path) -> bytes:
     """The file's FITS bytes, gunzipped when gzip-compressed (checks size and magic).
 
+    Only as many bytes as the file holds are allocated (never :data:`MAX_FILE_BYTES` up
+    front), and a gzip stream is decompressed with a bounded output size, so neither a
+    large file nor a gzip bomb can exhaust memory.
+
     Raises
     ------
     LamostReadError
-        Unreadable, empty, corrupt gzip stream, too large, or not FITS.
+        Unreadable, empty, corrupt or truncated gzip stream, too large, or not FITS.
     """
     try:
         with open(path, "rb") as handle:
-            raw = handle.read(MAX_FILE_BYTES + 1)
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise LamostReadError(path, f"file larger than {MAX_FILE_BYTES // 2**20} MiB: not a LAMOST spectrum")
+            raw = handle.read(size + 1)
     except OSError as exc:
         raise LamostReadError(path, f"cannot open file ({exc.strerror or exc})") from None
     if not raw:
         raise LamostReadError(path, "empty file")
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            decompressor = zlib.decompressobj(wbits=31)
-            data = decompressor.decompress(raw, MAX_FILE_BYTES + 1)
-        except zlib.error as exc:
-            raise LamostReadError(path, f"corrupt gzip stream ({exc})") from None
-        if not decompressor.eof and len(data) <= MAX_FILE_BYTES:
-            raise LamostReadError(path, "corrupt or truncated gzip stream (ends early)")
-    else:
-        data = raw
+    data = _gunzip(raw, path) if raw[:2] == _GZIP_MAGIC else raw
     if len(data) > MAX_FILE_BYTES:
         raise LamostReadError(path, f"file larger than {MAX_FILE_BYTES // 2**20} MiB: not a LAMOST spectrum")
     if not data.startswith(_FITS_MAGIC):
         raise LamostReadError(path, "not a FITS file (no 'SIMPLE  =' card at the start)")
     return data
+
+
+def _gunzip(raw: bytes, path: Path) -> bytes:
+    """Decompress a (possibly multi-member) gzip stream to at most ``MAX_FILE_BYTES + 1`` bytes.
+
+    Like :mod:`gzip`, trailing zero bytes after the last member are ignored and anything
+    else after it is an error.
+    """
+    out = bytearray()
+    rest = raw
+    while True:
+        decompressor = zlib.decompressobj(wbits=31)
+        try:
+            out += decompressor.decompress(rest, MAX_FILE_BYTES + 1 - len(out))
+        except zlib.error as exc:
+            raise LamostReadError(path, f"corrupt gzip stream ({exc})") from None
+        if len(out) > MAX_FILE_BYTES or decompressor.unconsumed_tail:
+            raise LamostReadError(
+                path, f"decompressed size exceeds {MAX_FILE_BYTES // 2**20} MiB: not a LAMOST spectrum"
+            )
+        if not decompressor.eof:
+            raise LamostReadError(path, "corrupt or truncated gzip stream (ends early)")
+        rest = decompressor.unused_data
+        if not rest.strip(b"\x00"):
+            return bytes(out)
+        if rest[:2] != _GZIP_MAGIC:
+            raise LamostReadError(path, "corrupt gzip file (unexpected bytes after the compressed stream)")
 
 
 def primary_header_cards(data: bytes, path: Path) -> dict[str, str]:
@@ -427,15 +476,20 @@ def _read_image(hdu: fits.ImageHDU | fits.PrimaryHDU, path: Path) -> tuple[str, 
 
 
 def _read_coadd(hdu: fits.BinTableHDU, path: Path) -> dict[str, np.ndarray]:
-    names = {name.upper(): name for name in hdu.columns.names}
+    # A column without TTYPEn has no name (None): it cannot be FLUX or IVAR.
+    names = {str(name).strip().upper(): name for name in hdu.columns.names if name}
     missing = [col for col in ("FLUX", "IVAR") if col not in names]
     if missing:
         raise LamostReadError(path, f"COADD table has no {'/'.join(missing)} column")
+    # Check the row count before touching the data (astropy converts some columns row by row).
+    n_rows = hdu.header.get("NAXIS2")
+    if not isinstance(n_rows, int) or isinstance(n_rows, bool) or n_rows < 1:
+        raise LamostReadError(path, f"COADD table has no rows (NAXIS2={n_rows!r})")
+    if n_rows > 1:
+        raise LamostReadError(path, f"COADD table has {n_rows} rows; expected one spectrum")
     table = hdu.data
-    if table is None or len(table) < 1:
-        raise LamostReadError(path, "COADD table has no rows")
-    if len(table) > 1:
-        raise LamostReadError(path, f"COADD table has {len(table)} rows; expected one spectrum")
+    if table is None or len(table) != 1:
+        raise LamostReadError(path, "COADD table has no readable row")
     rows = {"flux": table[names["FLUX"]][0], "ivar": table[names["IVAR"]][0]}
     for col, key in (("WAVELENGTH", "wavelength"), ("ANDMASK", "andmask"), ("ORMASK", "ormask")):
         if col in names:
@@ -451,10 +505,14 @@ def _log_linear_wavelength(header: Any, n_pix: int, path: Path) -> tuple[np.ndar
     return 10.0 ** (coeff0 + coeff1 * np.arange(n_pix, dtype=np.float64)), coeff0, coeff1
 
 
-def _mask_bits(values: np.ndarray | None, n_pix: int) -> np.ndarray:
+def _mask_bits(values: np.ndarray | None, n_pix: int, name: str, path: Path) -> np.ndarray:
+    """LAMOST mask bits as uint16 (stored as floats; non-finite values become 0)."""
     if values is None:
         return np.zeros(n_pix, dtype=np.uint16)
-    clean = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    array = _real_numbers(_as_1d(values, name, path), name, path)
+    if array.size != n_pix:
+        raise LamostReadError(path, f"{name} has {array.size} pixels but flux has {n_pix}")
+    clean = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     return np.clip(np.rint(clean), 0, np.iinfo(np.uint16).max).astype(np.uint16)
 
 
@@ -499,18 +557,134 @@ def read_lamost_spectrum(path: str | os.PathLike) -> LamostSpectrum:
         raise LamostReadError(path, "no such file")
     data = read_file_bytes(path)
     cards = primary_header_cards(data, path)
+    _check_header_counts(data, 0, 0, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", category=UserWarning)
+            # numpy overflow/invalid-value warnings (a corrupt BSCALE, COEFF0 or float64 flux
+            # beyond float32) leave inf/NaN values, which the checks below handle.
+            warnings.simplefilter("ignore", category=RuntimeWarning)
             warnings.filterwarnings("ignore", message=".*(non-ASCII|invalid|verify|keyword).*")
-            with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False) as hdul:
+            with fits.open(
+                io.BytesIO(data), memmap=False, lazy_load_hdus=True, disable_image_compression=True
+            ) as hdul:
+                _load_all_hdus(hdul, data, path)
                 return _read_open_file(path, hdul, cards)
     except LamostReadError:
         raise
     except Warning as exc:  # astropy's "file may have been truncated" and friends
         raise LamostReadError(path, f"corrupt or truncated FITS file ({exc})") from None
-    except (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError, KeyError, MemoryError, OverflowError) as exc:
+    except fits.VerifyError as exc:  # an unparsable card astropy had to read (EXTNAME, EXTEN0, ...)
+        raise LamostReadError(path, f"corrupt FITS header ({exc})") from None
+    except (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError, KeyError, OverflowError,
+            AssertionError) as exc:  # astropy checks some table keywords (TTYPEn) with assert
         raise LamostReadError(path, f"corrupt or truncated FITS file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a bad file must give LamostReadError, whatever astropy raises
+        raise LamostReadError(
+            path, f"unreadable FITS file (unexpected error while reading: {type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _load_all_hdus(hdul: fits.HDUList, data: bytes, path: Path) -> None:
+    """Read the HDU headers one at a time, checking that each HDU's data lies in the file.
+
+    astropy computes an HDU's data size from BITPIX, NAXISn, PCOUNT and GCOUNT without
+    checking them; a negative size makes it seek backwards and read the same headers
+    again, forever (and a huge one reads past the end of the file). Reading lazily with
+    at most :data:`MAX_HDUS` HDUs, and checking each HDU's data span before the next
+    header is read, turns both into a :class:`LamostReadError`. Each header's NAXIS and
+    TFIELDS are checked on the raw cards before astropy parses it (see
+    :func:`_check_header_counts`); the primary header is checked by the caller.
+    """
+    n_bytes = len(data)
+    end_of_previous = 0
+    for index in range(MAX_HDUS + 1):
+        if index > 0 and end_of_previous < n_bytes:
+            _check_header_counts(data, end_of_previous, index, path)  # before astropy parses it
+        try:
+            hdu = hdul[index]
+        except IndexError:
+            return
+        if index == MAX_HDUS:
+            raise LamostReadError(path, f"more than {MAX_HDUS} HDUs: corrupt FITS structure")
+        header_start, data_start, data_span = _hdu_location(hdu)
+        if header_start is None or data_start is None or data_span is None:
+            continue
+        if data_span < 0 or header_start < end_of_previous:
+            raise LamostReadError(
+                path, f"corrupt FITS structure: HDU {index} declares a negative data size ({_size_keywords(hdu)})"
+            )
+        if data_start + data_span > n_bytes:
+            raise LamostReadError(
+                path,
+                f"corrupt or truncated FITS file: HDU {index} declares {data_span} data bytes "
+                f"({_size_keywords(hdu)}) but only {max(n_bytes - data_start, 0)} remain",
+            )
+        end_of_previous = data_start + data_span
+
+
+#: Keywords astropy iterates over (one column / axis / group parameter per unit); the FITS
+#: standard limits them to 999, and a corrupt huge value makes astropy loop for minutes.
+_COUNT_KEYWORDS = (b"NAXIS   ", b"TFIELDS ")
+_MAX_COUNT = 999
+_VALID_END_CARD = b"END" + b" " * 77
+
+
+def _check_header_counts(data: bytes, offset: int, index: int, path: Path) -> None:
+    """Reject a header whose NAXIS, TFIELDS or (random groups) PCOUNT exceeds 999.
+
+    Runs on the raw cards before astropy parses the header. The scan stops only at a
+    fully valid END card, so it covers at least every card astropy will read.
+    """
+    groups = False
+    pcount: Any = None
+    for start in range(offset, len(data) - _CARD + 1, _CARD):
+        card = data[start:start + _CARD]
+        if card == _VALID_END_CARD:
+            break
+        keyword = card[:8].upper()
+        if card[8:10] != b"= ":
+            continue
+        if keyword == b"GROUPS  ":
+            groups = _parse_card_value(card[10:].decode("ascii", "replace")) is True
+        elif keyword == b"PCOUNT  ":
+            pcount = _parse_card_value(card[10:].decode("ascii", "replace"))
+        elif keyword in _COUNT_KEYWORDS:
+            value = _parse_card_value(card[10:].decode("ascii", "replace"))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= _MAX_COUNT:
+                raise LamostReadError(
+                    path, f"corrupt FITS header: HDU {index} has {keyword.decode('ascii', 'replace').strip()} = "
+                          f"{card[10:].decode('ascii', 'replace').split('/')[0].strip()!r} (expected 0-{_MAX_COUNT})"
+                )
+    if groups and isinstance(pcount, (int, float)) and not isinstance(pcount, bool) and pcount > _MAX_COUNT:
+        raise LamostReadError(path, f"corrupt FITS header: HDU {index} is random groups with PCOUNT = {pcount}")
+
+
+def _hdu_location(hdu: Any) -> tuple[int | None, int | None, int | None]:
+    """(header offset, data offset, padded data size) of an HDU read from a file.
+
+    ``HDUList.fileinfo`` cannot be used: it iterates over all HDUs, which is the endless
+    loop being guarded against. ``_ValidHDU.fileinfo`` is public; astropy's corrupt and
+    non-standard HDU classes lack it but carry the same (private) attributes.
+    """
+    info = hdu.fileinfo() if hasattr(hdu, "fileinfo") else None
+    if info:
+        return info["hdrLoc"], info["datLoc"], info["datSpan"]
+    return (getattr(hdu, "_header_offset", None), getattr(hdu, "_data_offset", None),
+            getattr(hdu, "_data_size", None))
+
+
+def _size_keywords(hdu: Any) -> str:
+    header = hdu.header
+    keys = ["BITPIX", "NAXIS"] + [f"NAXIS{i}" for i in range(1, 4)] + ["PCOUNT", "GCOUNT"]
+    return " ".join(f"{key}={header[key]!r}" for key in keys if key in header)
+
+
+def _real_numbers(array: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """``array`` if it holds real numbers (integers or floats), else a LamostReadError."""
+    if array.dtype.kind not in "iuf":
+        raise LamostReadError(path, f"{name} has data type {array.dtype.name}; expected real numbers")
+    return array
 
 
 def _read_open_file(path: Path, hdul: fits.HDUList, cards: dict[str, str]) -> LamostSpectrum:
@@ -529,18 +703,26 @@ def _read_open_file(path: Path, hdul: fits.HDUList, cards: dict[str, str]) -> La
     else:
         raise LamostReadError(path, "no flux/inverse-variance data: neither a 2-D primary image nor a COADD table")
 
-    flux = _as_1d(rows["flux"], "flux", path).astype(np.float32)
-    ivar = _as_1d(rows["ivar"], "ivar", path).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 range -> inf
+        flux = _real_numbers(_as_1d(rows["flux"], "flux", path), "flux", path).astype(np.float32)
+        ivar = _real_numbers(_as_1d(rows["ivar"], "ivar", path), "ivar", path).astype(np.float32)
     n_pix = flux.size
     if ivar.size != n_pix:
         raise LamostReadError(path, f"flux has {n_pix} pixels but ivar has {ivar.size}")
     if n_pix > MAX_PIXELS:
         raise LamostReadError(path, f"implausible pixel count {n_pix}")
+    if n_pix < MIN_PIXELS:
+        raise LamostReadError(path, f"spectrum has {n_pix} pixel(s); at least {MIN_PIXELS} are needed")
+    # A pixel is usable only with a finite flux and a finite, positive inverse variance.
+    bad = ~(np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0))
+    if bad.any():
+        ivar = np.where(bad, np.float32(0.0), ivar)
 
     coeff0 = _clean_float(header.get("COEFF0"))
     coeff1 = _clean_float(header.get("COEFF1"))
     if "wavelength" in rows:
-        wavelength = _as_1d(rows["wavelength"], "wavelength", path).astype(np.float64)
+        wavelength = _real_numbers(_as_1d(rows["wavelength"], "wavelength", path), "wavelength", path)
+        wavelength = wavelength.astype(np.float64)
         if wavelength.size != n_pix:
             raise LamostReadError(path, f"wavelength has {wavelength.size} pixels but flux has {n_pix}")
         # The stored row is the log-linear solution rounded to float32: use the exact
@@ -564,8 +746,8 @@ def _read_open_file(path: Path, hdul: fits.HDUList, cards: dict[str, str]) -> La
         wavelength=wavelength,
         flux=flux,
         ivar=ivar,
-        andmask=_mask_bits(rows.get("andmask"), n_pix),
-        ormask=_mask_bits(rows.get("ormask"), n_pix),
+        andmask=_mask_bits(rows.get("andmask"), n_pix, "andmask", path),
+        ormask=_mask_bits(rows.get("ormask"), n_pix, "ormask", path),
         meta=meta,
     )
 
@@ -575,6 +757,9 @@ def _normalize_metadata(path: Path, header: Any, layout: str) -> dict[str, Any]:
     ident: dict[str, Any] = {}
     for key, header_key in (("lmjd", "LMJD"), ("spid", "SPID"), ("fiberid", "FIBERID")):
         value = _clean_int(header.get(header_key))
+        low, high = _IDENT_RANGES[key]
+        if value is not None and not low <= value <= high:
+            value = None  # a corrupt value is no better than a missing one
         ident[key] = value if value is not None else from_name.get(key)
     planid = _clean_str(header.get("PLANID")) or from_name.get("planid", "")
     ident["planid"] = planid

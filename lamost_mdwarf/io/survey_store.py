@@ -141,8 +141,9 @@ def default_chunk_stars(n_pixels: int, target_bytes: int = 24 * 2**20) -> int:
 
 
 #: Resident bytes per pixel of a star chunk while a preprocess or inference task runs on it
-#: (its raw and normalized arrays, the outputs and the row-batch working set; measured
-#: 37-73 B per pixel on the default grid, see docs/bench_scaling.md).
+#: (its raw and normalized arrays, the outputs and the row-batch working set; measured as
+#: the peak RSS of one task: 36-63 B per pixel on top of a fixed 20-100 MiB, for 3,000- to
+#: 16,200-pixel grids).
 TASK_BYTES_PER_PIXEL = 80
 #: Memory a worker process needs besides its task (interpreter, libraries, kernel set-up).
 WORKER_OVERHEAD_BYTES = 256 * 2**20

@@ -295,6 +295,85 @@ def catalog(results: str, out_path: str, include_flagged: bool) -> None:
     click.echo(f"wrote {len(table)} rows to {path}")
 
 
+@main.command(name="plot-star")
+@click.argument("ids", nargs=-1, required=True, metavar="ID...")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False),
+              help="Work directory of `run`/`demo` (its store.zarr, model.zarr, results.zarr).")
+@click.option("--store", default=None, help="Survey store (instead of --workdir).")
+@click.option("--model", "model_path", default=None, help="Model (instead of --workdir).")
+@click.option("--results", "results_path", default=None, help="Results store (instead of --workdir).")
+@click.option("--out", "out_path", default=None,
+              help="Output file (.png or .pdf) for one ID, or a directory for several "
+                   "[default: WORKDIR/figures/stars, else the current directory].")
+@click.option("--format", "fmt", type=click.Choice(["png", "pdf"]), default="png", show_default=True,
+              help="File format when --out is not a file name.")
+def plot_star_command(ids: Sequence[str], workdir: str | None, store: str | None, model_path: str | None,
+                      results_path: str | None, out_path: str | None, fmt: str) -> None:
+    """Plot model vs observed normalized spectrum of each star ID.
+
+    An ID is a spectrum id (e.g. 55927-M5055_sp09-114) or a designation (e.g.
+    J035325.89+215003.1, with or without 'LAMOST '), which plots every spectrum of that object.
+
+    Example: lamost-mdwarf plot-star 55927-M5055_sp09-114 --workdir work
+    """
+    import numpy as np
+
+    from lamost_mdwarf.figures import SpectrumNotFoundError, plot_star
+    from lamost_mdwarf.io.survey_store import open_survey_store
+    from lamost_mdwarf.pipeline import WorkdirLayout
+
+    layout = WorkdirLayout(Path(workdir)) if workdir else None
+    paths = {"store": store, "model": model_path, "results": results_path}
+    for name in paths:
+        if paths[name] is None and layout is not None:
+            paths[name] = str(getattr(layout, name))
+    missing = [f"--{name}" for name, value in paths.items() if value is None]
+    if missing:
+        raise click.UsageError(f"give --workdir, or {', '.join(missing)}")
+
+    with _user_errors():
+        ds = open_survey_store(paths["store"])
+        spectrum_ids = np.array([str(v) for v in np.asarray(ds["spectrum_id"].values, dtype=object)])
+        designations = np.array([str(v).removeprefix("LAMOST ").strip()
+                                 for v in np.asarray(ds["designation"].values, dtype=object)])
+    targets: list[str] = []
+    for ident in ids:
+        ident = ident.strip()
+        if ident in spectrum_ids:
+            targets.append(ident)
+            continue
+        matches = spectrum_ids[designations == ident.removeprefix("LAMOST ").strip()]
+        if matches.size == 0:
+            raise click.ClickException(f"{ident!r} is neither a spectrum id nor a designation in {paths['store']} "
+                                       f"({spectrum_ids.size} spectra)")
+        targets.extend(matches.tolist())
+
+    single_file = out_path is not None and Path(out_path).suffix.lower() in (".png", ".pdf") and len(targets) == 1
+    if out_path is not None and Path(out_path).suffix and not single_file:
+        if Path(out_path).suffix.lower() not in (".png", ".pdf"):
+            raise click.BadParameter(f"unsupported format {Path(out_path).suffix!r} (use .png or .pdf)",
+                                     param_hint="--out")
+        raise click.BadParameter(f"{len(targets)} spectra to plot: give a directory, not a file",
+                                 param_hint="--out")
+    folder = Path(out_path) if out_path else (layout.figures / "stars" if layout else Path.cwd())
+    for sid in targets:
+        dest = Path(out_path) if single_file else folder / f"star_{_safe_file_name(sid)}.{fmt}"
+        try:
+            written = plot_star(paths["store"], paths["model"], paths["results"], sid, dest)
+        except SpectrumNotFoundError as exc:
+            raise click.ClickException(exc.args[0]) from None
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"cannot plot {sid}: {exc}") from None
+        click.echo(f"wrote {written}")
+
+
+def _safe_file_name(text: str) -> str:
+    """``text`` with every character outside [A-Za-z0-9._+-] replaced by '_'."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+
+
 class _user_errors:
     """Turn the errors a user can act on into a one-line message instead of a traceback."""
 

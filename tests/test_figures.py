@@ -178,3 +178,55 @@ def test_spectral_type_helpers():
     mapped = subtype_from_teff([3850.0, 3440.0, 3350.0, 4100.0, 6500.0, 2000.0, float("nan")])
     np.testing.assert_array_equal(mapped[:6], [0.0, 3.0, 3.0, -3.0, -20.0, 9.0])
     assert np.isnan(mapped[6])
+
+
+def test_plot_star_cli(tiny_run, tmp_path):
+    """``lamost-mdwarf plot-star`` by spectrum id and by designation, with clear errors."""
+    from click.testing import CliRunner
+
+    from lamost_mdwarf.cli import main
+    from lamost_mdwarf.io.survey_store import open_survey_store
+
+    store = open_survey_store(tiny_run["store"])
+    sid = str(np.asarray(store["spectrum_id"].values, dtype=object)[5])
+    designation = str(np.asarray(store["designation"].values, dtype=object)[5])
+    n_spectra = int(sum(str(d) == designation for d in np.asarray(store["designation"].values, dtype=object)))
+    paths = ["--store", str(tiny_run["store"]), "--model", str(tiny_run["model"]),
+             "--results", str(tiny_run["results"])]
+    runner = CliRunner()
+
+    result = runner.invoke(main, ["plot-star", sid, *paths, "--out", str(tmp_path / "one.pdf")])
+    assert result.exit_code == 0, result.output
+    assert_valid(tmp_path / "one.pdf")
+
+    result = runner.invoke(main, ["plot-star", designation, *paths, "--out", str(tmp_path / "many")])
+    assert result.exit_code == 0, result.output
+    written = sorted((tmp_path / "many").glob("star_*.png"))
+    assert len(written) == n_spectra >= 1 and result.output.count("wrote ") == n_spectra
+    for path in written:
+        assert_valid(path)
+
+    result = runner.invoke(main, ["plot-star", "no-such-star", *paths])
+    assert result.exit_code != 0 and "neither a spectrum id nor a designation" in result.output
+    result = runner.invoke(main, ["plot-star", sid, "--store", str(tiny_run["store"])])
+    assert result.exit_code != 0 and "--model" in result.output and "--results" in result.output
+    result = runner.invoke(main, ["plot-star", sid, *paths, "--out", str(tmp_path / "x.txt")])
+    assert result.exit_code != 0 and "unsupported format" in result.output
+
+
+def test_plot_star_cli_workdir_default_folder(tiny_run, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from lamost_mdwarf.cli import main
+    from lamost_mdwarf.io.survey_store import open_survey_store
+
+    work = tmp_path / "work"
+    for name in ("store", "model", "results"):
+        shutil.copytree(tiny_run[name], work / f"{name}.zarr")
+    sid = str(np.asarray(open_survey_store(work / "store.zarr")["spectrum_id"].values, dtype=object)[0])
+    result = CliRunner().invoke(main, ["plot-star", sid, "--workdir", str(work)])
+    assert result.exit_code == 0, result.output
+    safe = "".join(c if c.isalnum() or c in "._+-" else "_" for c in sid)
+    assert_valid(work / "figures" / "stars" / f"star_{safe}.png")

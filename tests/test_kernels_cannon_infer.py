@@ -83,6 +83,58 @@ def test_sufficient_statistics_chi2_equals_direct_sum(simulated):
     np.testing.assert_allclose(stats.quadratic, np.swapaxes(stats.quadratic, 1, 2))
 
 
+def _masked_statistics(flux, ivar, theta, s2, threshold=1e-4):
+    """Sufficient statistics with explicit masks, star by star (the reference)."""
+    model_ok = np.all(np.isfinite(theta), axis=1) & np.isfinite(s2) & (s2 >= 0)
+    theta0 = np.where(model_ok[:, None], theta, 0.0)
+    quadratic, linear, constant, n_good, bad = [], [], [], [], []
+    for f, iv in zip(flux, ivar):
+        data_ok = np.isfinite(f) & np.isfinite(iv) & (iv >= 0)
+        usable = data_ok & model_ok
+        w = np.where(usable, iv, 0.0)
+        w = w / (1.0 + w * np.where(model_ok, s2, 0.0))
+        r = np.where(usable, f - theta0[:, 0], 0.0)
+        quadratic.append((theta0 * w[:, None]).T @ theta0)
+        linear.append(theta0.T @ (w * r))
+        constant.append(np.sum(w * r * r))
+        n_good.append(np.count_nonzero(usable & (w > 0) & (np.where(usable, iv, 0.0) > threshold)))
+        bad.append(np.any(~data_ok & (iv != 0)))
+    return [np.array(v) for v in (quadratic, linear, constant, n_good, bad)]
+
+
+def test_sufficient_statistics_fast_and_masked_blocks_agree(simulated):
+    # More stars than one block of the fast path; corrupt stars in some blocks only, and
+    # with an untrainable pixel every block takes the masked path: both give the reference.
+    theta, s2, flux, ivar, _, _ = simulated
+    flux, ivar = flux[:150].copy(), ivar[:150].copy()
+    ivar[:, ::9] = 1e-5
+    flux[3, 10] = np.nan  # non-finite flux
+    flux[60, 11] = np.inf
+    ivar[61, 12] = np.nan
+    ivar[62, 13] = -1.0
+    ivar[63, 14] = np.inf
+    flux[100, 15], ivar[100, 15] = np.nan, 0.0  # NaN flux with ivar 0: zero weight, not bad input
+    bad_theta = theta.copy()
+    bad_theta[7, 3] = np.nan
+    for model in (theta, bad_theta):
+        stats = sufficient_statistics(flux, ivar, model, s2)
+        reference = _masked_statistics(flux, ivar, model, s2)
+        for got, want in zip(stats[:3], reference[:3]):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.max(np.abs(want)))
+        np.testing.assert_array_equal(stats.n_good_pixels, reference[3])
+        np.testing.assert_array_equal(stats.bad_input, reference[4])
+        assert set(np.flatnonzero(stats.bad_input)) == {3, 60, 61, 62, 63}
+    # The test step's own statistics leave out row/column 0 of Q and b_0 (unused: A'_0 = 0).
+    from lamost_mdwarf.kernels.cannon_infer import _statistics
+
+    full = sufficient_statistics(flux, ivar, theta, s2)
+    reduced = _statistics(flux, ivar, theta, s2, 1e-4, pivot_terms=False)
+    np.testing.assert_array_equal(reduced.quadratic[:, 0], 0.0)
+    np.testing.assert_allclose(reduced.quadratic[:, 1:, 1:], full.quadratic[:, 1:, 1:], rtol=1e-12)
+    np.testing.assert_allclose(reduced.linear[:, 1:], full.linear[:, 1:], rtol=1e-12)
+    np.testing.assert_array_equal(reduced.constant, full.constant)
+
+
 def test_recovers_labels_with_calibrated_physical_errors(simulated, inferred):
     *_, true_scaled, _ = simulated
     result = inferred

@@ -207,38 +207,121 @@ def sufficient_statistics(
     ------
     ValueError
         On inconsistent shapes only.
+
+    Notes
+    -----
+    Stars are processed in blocks of ``_STATISTICS_BLOCK`` rows, so that the elementwise
+    work (weights, residuals, ``c_n``, pixel counts) runs on cache-resident buffers;
+    the products with the per-model constants ``theta_t theta_u`` (cached between calls
+    with the same model) are matrix products per block. A block whose data are all
+    finite with ``ivar >= 0`` (checked from ``c_n`` and ``min(ivar)``) takes that fast
+    path; any other block is computed with explicit masks (same results).
     """
+    return _statistics(flux, ivar, theta, s2, masked_ivar_threshold, pivot_terms=True)
+
+
+#: Stars per block of :func:`sufficient_statistics` (buffers of ~48 x P doubles stay in L2).
+_STATISTICS_BLOCK = 48
+
+#: Per-model constants of the last model seen: (theta copy, s2 copy, pivot_terms, constants).
+_MODEL_CACHE: list = [None]
+
+
+def _model_constants(theta: np.ndarray, s2: np.ndarray, pivot_terms: bool):
+    """``model_ok``, safe ``theta``/``s2``, the products ``theta_t theta_u`` (upper
+    triangle, row 0 left out unless ``pivot_terms``) and the map to the full (T, T)."""
+    cached = _MODEL_CACHE[0]
+    if (
+        cached is not None
+        and cached[2] == pivot_terms
+        and cached[0].shape == theta.shape
+        and np.array_equal(cached[0], theta, equal_nan=True)
+        and np.array_equal(cached[1], s2, equal_nan=True)
+    ):
+        return cached[3]
+    n_terms = theta.shape[1]
+    model_ok = np.all(np.isfinite(theta), axis=1) & np.isfinite(s2) & (s2 >= 0)  # (P,)
+    theta_safe = np.where(model_ok[:, None], theta, 0.0)
+    s2_safe = np.where(model_ok, s2, 0.0)
+    first = 0 if pivot_terms else 1
+    rows, cols = np.triu_indices(n_terms - first)
+    rows, cols = rows + first, cols + first
+    products = np.ascontiguousarray(theta_safe[:, rows] * theta_safe[:, cols])  # (P, n_products)
+    # Where each (t, u) entry of Q comes from (the last column: a zero, for row/column 0
+    # when the pivot terms are left out).
+    index = np.full((n_terms, n_terms), rows.size, dtype=np.intp)
+    index[rows, cols] = np.arange(rows.size)
+    index[cols, rows] = np.arange(rows.size)
+    linear_theta = np.ascontiguousarray(theta_safe[:, first:])
+    constants = (model_ok, theta_safe, s2_safe, products, index.ravel(), linear_theta, first)
+    _MODEL_CACHE[0] = (theta.copy(), s2.copy(), pivot_terms, constants)
+    return constants
+
+
+def _statistics(flux, ivar, theta, s2, masked_ivar_threshold, pivot_terms: bool) -> SufficientStatistics:
+    """:func:`sufficient_statistics`; without ``pivot_terms`` row and column 0 of ``Q`` and
+    ``b_0`` (never used by the optimiser, since ``A'_0 = 0``) are left at 0."""
     flux = np.asarray(flux, dtype=np.float64)
     ivar = np.asarray(ivar, dtype=np.float64)
     theta = np.asarray(theta, dtype=np.float64)
     s2 = np.asarray(s2, dtype=np.float64)
     if flux.ndim != 2 or ivar.shape != flux.shape:
         raise ValueError(f"flux and ivar must have the same shape (N, P), got {flux.shape} and {ivar.shape}")
-    n_pixels = flux.shape[1]
+    n_stars, n_pixels = flux.shape
     if theta.ndim != 2 or theta.shape[0] != n_pixels or s2.shape != (n_pixels,):
         raise ValueError(
             f"theta must have shape (P={n_pixels}, T) and s2 shape (P,), got {theta.shape} and {s2.shape}"
         )
-    model_ok = np.all(np.isfinite(theta), axis=1) & np.isfinite(s2) & (s2 >= 0)  # (P,)
-    data_ok = np.isfinite(flux) & np.isfinite(ivar) & (ivar >= 0)
-    bad_input = np.any(~data_ok & (ivar != 0), axis=1)  # (NaN != 0 is True)
-    usable = data_ok & model_ok[None, :]
-    theta_safe = np.where(model_ok[:, None], theta, 0.0)
-    s2_safe = np.where(model_ok, s2, 0.0)
-    ivar_safe = np.where(usable, ivar, 0.0)
-    weight = ivar_safe / (1.0 + ivar_safe * s2_safe)  # (N, P)
-    resid0 = np.where(usable, flux - theta_safe[:, 0], 0.0)
-
     n_terms = theta.shape[1]
-    rows, cols = np.triu_indices(n_terms)
-    quadratic_triu = weight @ (theta_safe[:, rows] * theta_safe[:, cols])  # (N, T(T+1)/2)
-    quadratic = np.empty((flux.shape[0], n_terms, n_terms))
-    quadratic[:, rows, cols] = quadratic_triu
-    quadratic[:, cols, rows] = quadratic_triu
-    w_resid = weight * resid0
-    linear = w_resid @ theta_safe
-    constant = np.sum(w_resid * resid0, axis=1)
-    n_good = np.count_nonzero(usable & (ivar_safe > masked_ivar_threshold), axis=1)
+    model_ok, theta_safe, s2_safe, products, index, linear_theta, first = _model_constants(theta, s2, pivot_terms)
+    all_model_ok = bool(model_ok.all())
+    threshold = float(masked_ivar_threshold)
+    quadratic_packed = np.zeros((n_stars, products.shape[1] + 1))  # last column: 0
+    linear = np.zeros((n_stars, n_terms))
+    constant = np.empty(n_stars)
+    n_good = np.empty(n_stars, dtype=np.int64)
+    bad_input = np.zeros(n_stars, dtype=bool)
+    block = min(_STATISTICS_BLOCK, max(n_stars, 1))
+    weight = np.empty((block, n_pixels))
+    resid0 = np.empty((block, n_pixels))
+    w_resid = np.empty((block, n_pixels))
+    good = np.empty((block, n_pixels))
+    ones = np.ones(n_pixels)
+    theta0 = np.ascontiguousarray(theta_safe[:, 0])
+    for start in range(0, n_stars, block):
+        stop = min(start + block, n_stars)
+        m = stop - start
+        f, iv = flux[start:stop], ivar[start:stop]
+        w, r, wr = weight[:m], resid0[:m], w_resid[:m]
+        fast = all_model_ok and m > 0
+        if fast:
+            with np.errstate(all="ignore"):
+                np.multiply(iv, s2_safe, out=w)
+                w += 1.0
+                np.divide(iv, w, out=w)
+                np.subtract(f, theta0, out=r)
+                np.multiply(w, r, out=wr)
+                c = (wr[:, None, :] @ r[:, :, None])[:, 0, 0]  # row dot products (BLAS)
+            # Finite c_n: every w r^2 term is finite, so every w and r is (inf * 0 = NaN);
+            # with ivar >= 0 the masks of the general path would all be true.
+            fast = bool(np.all(np.isfinite(c))) and bool(iv.min() >= 0)
+        if fast:
+            np.greater(iv, threshold, out=good[:m], casting="unsafe")  # 0.0 / 1.0
+        else:
+            data_ok = np.isfinite(f) & np.isfinite(iv) & (iv >= 0)
+            bad_input[start:stop] = np.any(~data_ok & (iv != 0), axis=1)  # (NaN != 0 is True)
+            usable = data_ok & model_ok[None, :]
+            ivar_safe = np.where(usable, iv, 0.0)
+            w[...] = ivar_safe / (1.0 + ivar_safe * s2_safe)
+            r[...] = np.where(usable, f - theta0, 0.0)
+            np.multiply(w, r, out=wr)
+            c = np.sum(wr * r, axis=1)
+            good[:m] = usable & (ivar_safe > threshold)
+        constant[start:stop] = c
+        n_good[start:stop] = good[:m] @ ones  # exact counts
+        np.matmul(w, products, out=quadratic_packed[start:stop, :-1])
+        np.matmul(wr, linear_theta, out=linear[start:stop, first:])
+    quadratic = np.take(quadratic_packed, index, axis=1).reshape(n_stars, n_terms, n_terms)
     return SufficientStatistics(quadratic, linear, constant, n_good, bad_input)
 
 
@@ -367,7 +450,7 @@ def infer_labels(
     InferenceResult
         Labels and covariance in physical units.
     """
-    statistics = sufficient_statistics(flux, ivar, theta, s2, masked_ivar_threshold)
+    statistics = _statistics(flux, ivar, theta, s2, masked_ivar_threshold, pivot_terms=False)
     return optimize_labels(
         statistics,
         pivots,

@@ -287,3 +287,72 @@ def test_raw_card_values_match_astropy(value, comment):
         assert got is expected
     else:
         assert got == pytest.approx(expected, rel=1e-15, abs=0)
+
+
+def _assert_same_spectrum(a, b, where: str) -> None:
+    for name in ("wavelength", "flux", "ivar", "andmask", "ormask"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, (where, name)
+        np.testing.assert_array_equal(x, y, err_msg=f"{where}: {name}")
+    assert a.meta.keys() == b.meta.keys(), where
+    for key in a.meta:
+        va, vb = a.meta[key], b.meta[key]
+        same = (va == vb) or (isinstance(va, float) and np.isnan(va) and np.isnan(vb))
+        assert same, (where, key, va, vb)
+
+
+def _both_paths(path: Path):
+    """(plain decoder result or None, astropy result) for one file."""
+    from lamost_mdwarf.io.lamost_fits import (
+        _read_plain_file,
+        _read_with_astropy,
+        primary_header_cards,
+        read_file_bytes,
+    )
+
+    data = read_file_bytes(path)
+    cards = primary_header_cards(data, path)
+    return _read_plain_file(path, data, cards), _read_with_astropy(path, data, cards)
+
+
+def test_plain_decoder_equals_astropy_on_real_files(real_lamost_dir):
+    """The astropy-free decoder of plain layouts gives exactly astropy's arrays and metadata."""
+    decoded = 0
+    for path in sorted(real_lamost_dir.rglob("*.fits*")):
+        if path.name.startswith("med-"):
+            continue
+        plain, reference = _both_paths(path)
+        assert plain is not None, f"{path.name}: a plain LAMOST file fell back to astropy"
+        _assert_same_spectrum(plain, reference, path.name)
+        decoded += 1
+    assert decoded >= 20
+
+
+def test_plain_decoder_equals_astropy_on_simulated_files(small_survey):
+    files = sorted(Path(small_survey.spectra_dir).rglob("*.fits*"))
+    layouts = {}
+    for path in files[::7]:
+        try:
+            plain, reference = _both_paths(path)
+        except LamostReadError:
+            continue  # files the simulator makes unreadable on purpose
+        if plain is None:
+            continue
+        _assert_same_spectrum(plain, reference, path.name)
+        layouts[reference.meta["layout"]] = layouts.get(reference.meta["layout"], 0) + 1
+    assert set(layouts) == {"dr1_image", "image", "coadd_table"}, layouts
+
+
+@pytest.mark.parametrize("card,value", [("BSCALE", "2.0"), ("BZERO", "1.0")])
+def test_plain_decoder_leaves_scaled_images_to_astropy(dr1_file, tmp_path, card, value):
+    """Scaling keywords disable the plain decoder; astropy applies them."""
+    with fits.open(dr1_file) as hdul:
+        hdul[0].header[card] = float(value)
+        out = tmp_path / "scaled" / dr1_file.name
+        out.parent.mkdir()
+        hdul.writeto(out)
+    plain, reference = _both_paths(out)
+    assert plain is None
+    original = read_lamost_spectrum(dr1_file)
+    expected = original.flux * 2.0 if card == "BSCALE" else original.flux + 1.0
+    np.testing.assert_allclose(reference.flux, expected, rtol=1e-6)

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from lamost_mdwarf.io import fits_fast
+
 __all__ = [
     "LamostReadError",
     "LamostSpectrum",
@@ -458,8 +460,16 @@ def _read_image(hdu: fits.ImageHDU | fits.PrimaryHDU, path: Path) -> tuple[str, 
     data = np.asarray(hdu.data)
     if data.shape != (n_rows, n_pix):
         raise LamostReadError(path, f"image data shape {data.shape} does not match NAXIS2 x NAXIS1 = {(n_rows, n_pix)}")
-    exten0 = _clean_str(header.get("EXTEN0")).lower()
-    has_wavelength_row = "wavelength" in exten0
+    return _image_rows(_clean_str(header.get("EXTEN0")), data, path)
+
+
+def _image_rows(exten0: str, data: np.ndarray, path: Path) -> tuple[str, dict[str, np.ndarray]]:
+    """The layout and named rows of a (rows, pixels) LAMOST image with >= 2 rows.
+
+    ``exten0`` is the EXTEN0 keyword (row description; '' when absent).
+    """
+    n_rows = data.shape[0]
+    has_wavelength_row = "wavelength" in exten0.lower()
     if not exten0 and n_rows >= 3:
         # No row description: row 2 is a wavelength only if it looks like one.
         row = data[2].astype(np.float64)
@@ -558,6 +568,14 @@ def read_lamost_spectrum(path: str | os.PathLike) -> LamostSpectrum:
     data = read_file_bytes(path)
     cards = primary_header_cards(data, path)
     _check_header_counts(data, 0, 0, path)
+    plain = _read_plain_file(path, data, cards)
+    if plain is not None:
+        return plain
+    return _read_with_astropy(path, data, cards)
+
+
+def _read_with_astropy(path: Path, data: bytes, cards: dict[str, str]) -> LamostSpectrum:
+    """Read any FITS structure with astropy, turning every failure into a LamostReadError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", category=UserWarning)
@@ -702,7 +720,58 @@ def _read_open_file(path: Path, hdul: fits.HDUList, cards: dict[str, str]) -> La
         layout, rows = _read_image(hdul[0], path)
     else:
         raise LamostReadError(path, "no flux/inverse-variance data: neither a 2-D primary image nor a COADD table")
+    return _spectrum_from_rows(path, header, layout, rows)
 
+
+def _read_plain_file(path: Path, data: bytes, cards: dict[str, str]) -> LamostSpectrum | None:
+    """The spectrum decoded without astropy when the file is a plain LAMOST layout, else None.
+
+    See :mod:`lamost_mdwarf.io.fits_fast`: a float primary image with at least 2 rows, or
+    a one-row COADD table, with nothing unusual; None hands the file to astropy.
+    """
+    if path.name.lower().startswith("med-"):
+        return None
+    parsed = fits_fast.header_cards(data, 0)
+    if parsed is None:
+        return None
+    structure, data_start = parsed
+    image = fits_fast.decode_primary_image(data, structure, data_start)
+    if image is not None:
+        if image.shape[0] < 2 or image.shape[1] > MAX_PIXELS:
+            return None
+        header = PrimaryHeaderValues(cards, _LazyHeader(data, data_start))
+        if "EXTEN0" in cards and header._value("EXTEN0") is _UNPARSED:
+            return None  # astropy reports the corrupt row description
+        layout, rows = _image_rows(_clean_str(header.get("EXTEN0")), image, path)
+    else:
+        table = fits_fast.decode_single_row_table(data, structure, data_start, "COADD")
+        if table is None or "FLUX" not in table or "IVAR" not in table:
+            return None
+        header = PrimaryHeaderValues(cards, _LazyHeader(data, data_start))
+        layout = "coadd_table"
+        rows = {key: table[col] for col, key in (("FLUX", "flux"), ("IVAR", "ivar"), ("WAVELENGTH", "wavelength"),
+                                                   ("ANDMASK", "andmask"), ("ORMASK", "ormask")) if col in table}
+    return _spectrum_from_rows(path, header, layout, rows)
+
+
+class _LazyHeader:
+    """The primary header as an astropy Header, parsed only if a keyword needs it."""
+
+    def __init__(self, data: bytes, header_end: int) -> None:
+        self._data, self._end = data, header_end
+        self._header: fits.Header | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self._header is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._header = fits.Header.fromstring(self._data[:self._end].decode("ascii", errors="replace"))
+        return self._header.get(key, default)
+
+
+def _spectrum_from_rows(path: Path, header: PrimaryHeaderValues, layout: str,
+                        rows: dict[str, np.ndarray]) -> LamostSpectrum:
+    """Checked arrays, the wavelength solution and the metadata of one spectrum."""
     with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 range -> inf
         flux = _real_numbers(_as_1d(rows["flux"], "flux", path), "flux", path).astype(np.float32)
         ivar = _real_numbers(_as_1d(rows["ivar"], "ivar", path), "ivar", path).astype(np.float32)

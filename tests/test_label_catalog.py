@@ -99,5 +99,24 @@ def test_unreadable_empty_and_negative(tmp_path):
     neg = tcd_table()
     neg["Rad"][1] = -0.3
     neg.write(tmp_path / "neg.csv")
-    with pytest.raises(LabelCatalogError, match="'Rad' has non-positive values"):
+    with pytest.raises(LabelCatalogError, match="'Rad' has non-positive values in 1 of 5 rows"):
         read_label_catalog(tmp_path / "neg.csv")
+
+
+def test_few_nonpositive_labels_become_missing_with_a_warning(tmp_path):
+    """One impossible mass among many rows is a missing label, not a rejected catalog."""
+    from lamost_mdwarf.io.label_catalog import LabelCatalogWarning
+
+    table = tcd_table(300)
+    table["Mass"][17] = -0.0025
+    table["Lum"][40] = 0.0
+    table.write(tmp_path / "few.csv")
+    with pytest.warns(LabelCatalogWarning, match=r"Mass: 1 \(rows \[17\]\).*Lum: 1 \(rows \[40\]\)"):
+        out = read_label_catalog(tmp_path / "few.csv")
+    assert np.isnan(out["mass"].value[17]) and np.isnan(out["luminosity"].value[40])
+    assert np.isfinite(out["mass"].value).sum() == 299 and np.isfinite(out["radius"].value).all()
+    assert out.meta["unusable_labels"] == {"Mass": [17], "Lum": [40]}
+    table["Teff"][:5] = -1.0  # 5 of 300 rows: more than 1 %
+    table.write(tmp_path / "many.csv", overwrite=True)
+    with pytest.raises(LabelCatalogError, match="'Teff' has non-positive values in 5 of 300 rows"):
+        read_label_catalog(tmp_path / "many.csv")

@@ -25,6 +25,7 @@ An uncertainty column mapped to ``''`` is treated as absent (NaN).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,6 +37,8 @@ __all__ = [
     "DEFAULT_LABEL_COLUMNS",
     "LABEL_UNITS",
     "LabelCatalogError",
+    "LabelCatalogWarning",
+    "MAX_NONPOSITIVE_FRACTION",
     "parse_column_mapping",
     "read_label_catalog",
 ]
@@ -82,6 +85,15 @@ _FORMATS = {
 
 class LabelCatalogError(ValueError):
     """A label table that cannot be used; the message names the file and the problem."""
+
+
+class LabelCatalogWarning(UserWarning):
+    """A label table with a few unusable values (treated as missing)."""
+
+
+#: Largest fraction of rows with non-positive Teff, R, M or L treated as a few bad values
+#: (set to NaN with a warning); above it the table is rejected (likely a wrong mapping).
+MAX_NONPOSITIVE_FRACTION = 0.01
 
 
 def parse_column_mapping(text: str | None) -> dict[str, str]:
@@ -133,8 +145,16 @@ def read_label_catalog(path: str | os.PathLike, columns: Mapping[str, str] | Non
     ------
     LabelCatalogError
         Unreadable file, missing columns, non-numeric values, non-finite or out-of-range
-        positions, an empty table, or non-positive labels; the message names the file,
-        the column and the first offending rows.
+        positions, an empty table, or non-positive labels in more than
+        :data:`MAX_NONPOSITIVE_FRACTION` of the rows (a wrong column mapping); the message
+        names the file, the column and the first offending rows.
+
+    Warns
+    -----
+    LabelCatalogWarning
+        When a few labels are non-positive (physically impossible): they are set to NaN
+        (missing; such a star cannot be a training star) and the rows are listed, also
+        in ``meta["unusable_labels"]``.
     """
     path = Path(path)
     mapping = dict(DEFAULT_LABEL_COLUMNS)
@@ -182,12 +202,24 @@ def read_label_catalog(path: str | os.PathLike, columns: Mapping[str, str] | Non
         rows = np.flatnonzero(ra_bad | dec_bad)[:5].tolist()
         raise LabelCatalogError(f"{path}: positions out of range (RA in [0, 360], Dec in [-90, 90] deg), "
                                 f"first rows {rows}")
+    unusable: dict[str, list[int]] = {}
     for key in ("teff", "radius", "mass", "luminosity"):
         values = out[key].value
         bad = np.isfinite(values) & (values <= 0)
-        if bad.any():
+        if bad.sum() > MAX_NONPOSITIVE_FRACTION * len(out):
             rows = np.flatnonzero(bad)[:5].tolist()
-            raise LabelCatalogError(f"{path}: column {mapping[key]!r} has non-positive values, first rows {rows}")
+            raise LabelCatalogError(
+                f"{path}: column {mapping[key]!r} has non-positive values in {bad.sum()} of {len(out)} rows "
+                f"(first rows {rows}); a {key} must be positive: is the column mapping right (e.g. a log quantity)?")
+        if bad.any():
+            # A few impossible values in a large catalog: those labels count as missing.
+            out[key][bad] = np.nan * out[key].unit
+            unusable[mapping[key]] = np.flatnonzero(bad).tolist()
+    if unusable:
+        details = "; ".join(f"{col}: {len(rows)} (rows {rows[:5]})" for col, rows in unusable.items())
+        warnings.warn(f"{path}: non-positive labels treated as missing: {details}", LabelCatalogWarning,
+                      stacklevel=2)
+    out.meta["unusable_labels"] = unusable
     out.meta["source"] = str(path)
     out.meta["column_mapping"] = mapping
     return out

@@ -246,9 +246,13 @@ def _model_constants(theta: np.ndarray, s2: np.ndarray, pivot_terms: bool):
     first = 0 if pivot_terms else 1
     rows, cols = np.triu_indices(n_terms - first)
     rows, cols = rows + first, cols + first
-    products = np.ascontiguousarray(theta_safe[:, rows] * theta_safe[:, cols])  # (P, n_products)
-    # Where each (t, u) entry of Q comes from (the last column: a zero, for row/column 0
-    # when the pivot terms are left out).
+    # (P, n_columns): the products, then zero columns up to a multiple of 8 (at least one
+    # without the pivot terms: the zero entries of Q point to it).
+    n_columns = 8 * -(-(rows.size + (0 if pivot_terms else 1)) // 8)
+    products = np.zeros((theta.shape[0], n_columns))
+    products[:, : rows.size] = theta_safe[:, rows] * theta_safe[:, cols]
+    # Where each (t, u) entry of Q comes from (a zero column for row/column 0 when the
+    # pivot terms are left out).
     index = np.full((n_terms, n_terms), rows.size, dtype=np.intp)
     index[rows, cols] = np.arange(rows.size)
     index[cols, rows] = np.arange(rows.size)
@@ -276,16 +280,22 @@ def _statistics(flux, ivar, theta, s2, masked_ivar_threshold, pivot_terms: bool)
     model_ok, theta_safe, s2_safe, products, index, linear_theta, first = _model_constants(theta, s2, pivot_terms)
     all_model_ok = bool(model_ok.all())
     threshold = float(masked_ivar_threshold)
-    quadratic_packed = np.zeros((n_stars, products.shape[1] + 1))  # last column: 0
+    quadratic_packed = np.empty((n_stars, products.shape[1]))  # zero padding columns at the end
     linear = np.zeros((n_stars, n_terms))
     constant = np.empty(n_stars)
     n_good = np.empty(n_stars, dtype=np.int64)
     bad_input = np.zeros(n_stars, dtype=bool)
-    block = min(_STATISTICS_BLOCK, max(n_stars, 1))
+    # Products of fixed shapes, (block, P) @ (P, columns a multiple of 8), with zero rows
+    # appended to the last block: OpenBLAS' choice of kernels (and threads) by shape can
+    # otherwise make a star's round-off depend on its row in the chunk; with these
+    # shapes a star's statistics are bit-for-bit those it gets in any other chunk.
+    block = _STATISTICS_BLOCK
     weight = np.empty((block, n_pixels))
     resid0 = np.empty((block, n_pixels))
     w_resid = np.empty((block, n_pixels))
     good = np.empty((block, n_pixels))
+    quad_block = np.empty((block, products.shape[1]))
+    linear_block = np.empty((block, linear_theta.shape[1]))
     ones = np.ones(n_pixels)
     theta0 = np.ascontiguousarray(theta_safe[:, 0])
     for start in range(0, n_stars, block):
@@ -319,8 +329,13 @@ def _statistics(flux, ivar, theta, s2, masked_ivar_threshold, pivot_terms: bool)
             good[:m] = usable & (ivar_safe > threshold)
         constant[start:stop] = c
         n_good[start:stop] = good[:m] @ ones  # exact counts
-        np.matmul(w, products, out=quadratic_packed[start:stop, :-1])
-        np.matmul(wr, linear_theta, out=linear[start:stop, first:])
+        if m < block:
+            weight[m:] = 0.0
+            w_resid[m:] = 0.0
+        np.matmul(weight, products, out=quad_block)
+        np.matmul(w_resid, linear_theta, out=linear_block)
+        quadratic_packed[start:stop] = quad_block[:m]
+        linear[start:stop, first:] = linear_block[:m]
     quadratic = np.take(quadratic_packed, index, axis=1).reshape(n_stars, n_terms, n_terms)
     return SufficientStatistics(quadratic, linear, constant, n_good, bad_input)
 
@@ -414,6 +429,7 @@ def infer_labels(
     max_iterations: int = 100,
     decrement_tolerance: float = 1e-8,
     step_tolerance: float = 1e-9,
+    prune: bool = True,
 ) -> InferenceResult:
     """Labels, formal covariances and chi2 of a chunk of stars (the Cannon test step).
 
@@ -444,6 +460,8 @@ def infer_labels(
         Convergence threshold on a full Newton step (exact, positive definite Hessian,
         inside the trust region): converged when below this in every scaled label
         (dimensionless).
+    prune : bool
+        Stop starts that cannot win (see :func:`optimize_labels`).
 
     Returns
     -------
@@ -460,6 +478,7 @@ def infer_labels(
         max_iterations=max_iterations,
         decrement_tolerance=decrement_tolerance,
         step_tolerance=step_tolerance,
+        prune=prune,
     )
 
 
@@ -474,6 +493,7 @@ def optimize_labels(
     decrement_tolerance: float = 1e-8,
     step_tolerance: float = 1e-9,
     singular_rtol: float = 1e-12,
+    prune: bool = True,
 ) -> InferenceResult:
     """Minimise chi2 from several starting points per star, given sufficient statistics.
 
@@ -494,6 +514,15 @@ def optimize_labels(
         ~1000 times the float64 round-off of the smallest eigenvalue of these Hessians
         (measured: ~1.5e-15 times the largest), so the covariance of a flagged-OK star is
         accurate to ~0.1%; trained M-dwarf models give condition numbers up to ~1e10.
+    prune : bool
+        Stop starts that cannot win their star: once a start is within ~1 formal sigma of
+        its local minimum (Newton decrement < 1), it is dropped if a start with a lower
+        chi2 is within squared Mahalanobis distance 1 of it (the same minimum), or if
+        another start's chi2 is already clearly below its local minimum. The best start
+        of a star always runs to the end, so the result is that of the unpruned search
+        (to the convergence tolerance) unless two minima lie within ~1 sigma of each
+        other; ``start_index`` and ``n_iterations`` may name another start of the same
+        minimum. ``False``: every start runs to convergence.
 
     Returns
     -------
@@ -518,12 +547,13 @@ def optimize_labels(
         )
     n_starts = starts.shape[1]
 
-    fit = _trust_region_newton(
+    fit = _multi_start_search(
         statistics, starts.reshape(n_stars * n_starts, n_labels), n_starts,
-        int(max_iterations), decrement_tolerance, step_tolerance, singular_rtol,
+        int(max_iterations), decrement_tolerance, step_tolerance, singular_rtol, prune,
     )
     chi2_all = fit.chi2.reshape(n_stars, n_starts)
     finite_all = np.isfinite(chi2_all) & np.all(np.isfinite(fit.x.reshape(n_stars, n_starts, n_labels)), axis=-1)
+    finite_all &= ~fit.pruned.reshape(n_stars, n_starts)  # a pruned start cannot win
     # The lowest finite chi2 wins, converged or not (a non-converged winner is flagged).
     best = np.argmin(np.where(finite_all, chi2_all, np.inf), axis=1)
     any_finite = finite_all.any(axis=1)
@@ -574,11 +604,114 @@ def optimize_labels(
     )
 
 
+def _multi_start_search(
+    statistics: SufficientStatistics,
+    x0: np.ndarray,
+    n_starts: int,
+    max_iterations: int,
+    decrement_tolerance: float,
+    step_tolerance: float,
+    singular_rtol: float,
+    prune: bool,
+) -> "_FitResult":
+    """All starts of all stars (``prune=False``), or the staged search (``prune=True``).
+
+    Staged search, per star: (1) the start with the lowest chi2 runs to convergence,
+    ``x*``; (2) every other start from which chi2 decreases monotonically along the
+    straight segment to a converged ``x*`` (checked exactly: chi2 is a quartic
+    polynomial along a line) lies in the descent basin of ``x*`` and is dropped; (3) the
+    remaining starts run, with the duplicate / hopeless pruning of
+    :func:`_starts_to_prune` against each other and ``x*``. A start on the far side of a
+    chi2 barrier from ``x*`` (another local minimum) is never dropped before it is
+    within ~1 sigma of its own minimum.
+    """
+    n_points = x0.shape[0]
+    if not prune or n_starts == 1:
+        return _trust_region_newton(
+            statistics, x0, n_starts, max_iterations, decrement_tolerance, step_tolerance, singular_rtol, prune
+        )
+    n_stars = n_points // n_starts
+    star = np.repeat(np.arange(n_stars), n_starts)
+    x0 = np.asarray(x0, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        chi2_start = chi2_from_statistics(statistics, x0.reshape(n_stars, n_starts, -1))
+    finite_start = np.isfinite(chi2_start) & np.all(np.isfinite(x0.reshape(n_stars, n_starts, -1)), axis=-1)
+    first = np.argmin(np.where(finite_start, chi2_start, np.inf), axis=1)  # ties: the earlier start
+    phase1 = np.zeros(n_points, dtype=bool)
+    phase1[np.arange(n_stars) * n_starts + first] = True
+    fit1 = _trust_region_newton(
+        statistics, x0, n_starts, max_iterations, decrement_tolerance, step_tolerance, singular_rtol,
+        prune=False, run=phase1, pruned=~phase1,
+    )
+    best_flat = np.arange(n_stars) * n_starts + first
+    x_best = fit1.x[best_flat]
+    has_best = fit1.converged[best_flat] & np.isfinite(fit1.chi2[best_flat])
+    others = np.flatnonzero(~phase1 & finite_start.ravel() & has_best[star])
+    in_basin = np.zeros(n_points, dtype=bool)
+    if others.size:
+        in_basin[others] = _descends_to(statistics, star[others], x0[others], x_best[star[others]])
+    x1 = np.where(phase1[:, None], fit1.x, x0)
+    fit2 = _trust_region_newton(
+        statistics, x1, n_starts, max_iterations, decrement_tolerance, step_tolerance, singular_rtol,
+        prune=True, run=~phase1 & ~in_basin, pruned=in_basin,
+    )
+    return _FitResult(
+        x=fit2.x,
+        chi2=fit2.chi2,
+        converged=np.where(phase1, fit1.converged, fit2.converged),
+        n_iterations=np.where(phase1, fit1.n_iterations, fit2.n_iterations),
+        pruned=fit2.pruned,
+    )
+
+
+#: A chi2 rise below this along a segment (chi2 units) does not count as a barrier.
+_BARRIER_TOLERANCE = 1e-3
+
+
+def _descends_to(statistics, star, x_from, x_to) -> np.ndarray:
+    """Whether chi2 is non-increasing along the straight segment ``x_from -> x_to`` (B,).
+
+    Along ``x(t) = x_from + t d``, ``A'(x(t)) = A0 + t A1 + t^2 A2`` exactly (``A1 = J d``,
+    ``A2 = d_a d_b`` per term), so chi2 is the quartic ``sum_i c_i t^i``; its derivative
+    (a cubic) is at most ``_BARRIER_TOLERANCE`` on [0, 1] iff it is at the ends and at
+    the zeros of its derivative (a quadratic) inside (0, 1).
+    """
+    ops = _DesignOperators(x_from.shape[1])
+    quadratic, linear = statistics.quadratic[star], statistics.linear[star]
+    d = x_to - x_from
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        a0, a1, a2 = ops.centred_design(x_from), ops.directional(x_from, d), ops.second_order(d)
+        q_a1 = (quadratic @ a1[:, :, None])[:, :, 0]
+        q_a2 = (quadratic @ a2[:, :, None])[:, :, 0]
+        c1 = 2.0 * np.sum(a0 * q_a1 - linear * a1, axis=1)
+        c2 = np.sum(a1 * q_a1 + 2.0 * (a0 * q_a2 - linear * a2), axis=1)
+        c3 = 2.0 * np.sum(a1 * q_a2, axis=1)
+        c4 = np.sum(a2 * q_a2, axis=1)
+
+        def slope(t):
+            return c1 + t * (2.0 * c2 + t * (3.0 * c3 + t * 4.0 * c4))
+
+        worst = np.maximum(slope(0.0), slope(1.0))
+        # Zeros of slope'(t) = 2 c2 + 6 c3 t + 12 c4 t^2 (or of its linear part if c4 = 0).
+        disc = np.sqrt(np.maximum(36.0 * c3**2 - 96.0 * c2 * c4, 0.0))
+        quadratic_case = c4 != 0.0
+        roots = [
+            np.where(quadratic_case, (-6.0 * c3 + disc) / (24.0 * c4), -c2 / (3.0 * c3)),
+            np.where(quadratic_case, (-6.0 * c3 - disc) / (24.0 * c4), np.nan),
+        ]
+        for t in roots:
+            inside = np.isfinite(t) & (t > 0.0) & (t < 1.0)
+            worst = np.where(inside, np.maximum(worst, slope(np.where(inside, t, 0.0))), worst)
+        scale = np.abs(c1) + np.abs(c2) + np.abs(c3) + np.abs(c4)
+        return np.isfinite(worst) & np.isfinite(scale) & (worst <= _BARRIER_TOLERANCE + 1e-12 * scale)
+
+
 class _FitResult(NamedTuple):
     x: np.ndarray  # (B, K) scaled labels
     chi2: np.ndarray  # (B,)
     converged: np.ndarray  # (B,)
     n_iterations: np.ndarray  # (B,)
+    pruned: np.ndarray  # (B,) bool: dropped as a duplicate or a hopeless start (cannot win)
 
 
 #: Initial trust-region radius, scaled label units (the training set spans about +-2).
@@ -597,6 +730,17 @@ _N_CORRECTIONS = 1
 #: Gauss-Newton decrement is below this (chi2 units): then the point is close to a
 #: saddle and the exact Hessian's negative curvature is used to leave it.
 _SADDLE_DECREMENT = 1.0
+#: Pruning of starts (per star): a start is examined once its exact Hessian is positive
+#: definite and its Newton decrement is below this (chi2 units: within ~1 formal sigma
+#: of its local minimum, where the quadratic model is accurate).
+_PRUNE_DECREMENT = 1.0
+#: ... and dropped as a duplicate when another start of the star with a lower (or equal,
+#: earlier) chi2 lies within this squared Mahalanobis distance (chi2 units, its Hessian).
+_PRUNE_DISTANCE = 1.0
+#: ... or dropped as hopeless when another start's chi2 is already below its local
+#: minimum predicted by the quadratic model (``chi2 - decrement``) by more than
+#: ``decrement`` plus this margin (chi2 units).
+_PRUNE_MARGIN = 1.0
 
 
 class _DesignOperators:
@@ -620,6 +764,17 @@ class _DesignOperators:
         second = design_second_derivatives(n_labels)  # (T, K, K), one term per (k, l)
         self.curvature_term = np.argmax(second != 0, axis=0)
         self.curvature_factor = np.take_along_axis(second, self.curvature_term[None], axis=0)[0]
+        # The non-zero entries of J, (flat index t K + k, source label in x_ext, factor):
+        # J[t, k] = sum of factor * x_ext[source] (one entry per (t, k); 2 x_k for x_k^2).
+        coefficient = self.mask_right[:, :, None] * np.eye(n_labels + 1)[self.left][:, None, :]
+        coefficient = coefficient + self.mask_left[:, :, None] * np.eye(n_labels + 1)[self.right][:, None, :]
+        flat, source = np.nonzero(coefficient.reshape(n_terms * n_labels, n_labels + 1))
+        if np.unique(flat).size != flat.size:  # cannot happen for the quadratic design
+            raise AssertionError("one source per Jacobian entry expected")
+        self.jac_flat = flat
+        self.jac_source = source
+        self.jac_factor = coefficient.reshape(n_terms * n_labels, n_labels + 1)[flat, source]
+        self.n_terms = n_terms
 
     def _extend(self, x: np.ndarray, last: float) -> np.ndarray:
         return np.concatenate([x, np.full(x.shape[:-1] + (1,), last)], axis=-1)
@@ -638,8 +793,9 @@ class _DesignOperators:
     def jacobian(self, x: np.ndarray) -> np.ndarray:
         """``dA/dx``, shape (B, T, K)."""
         x_ext = self._extend(x, 1.0)
-        left, right = np.take(x_ext, self.jac_left, axis=1), np.take(x_ext, self.jac_right, axis=1)
-        return left * self.mask_right + right * self.mask_left
+        jac = np.zeros((x.shape[0], self.n_terms * self.n_labels))
+        jac[:, self.jac_flat] = np.take(x_ext, self.jac_source, axis=1) * self.jac_factor
+        return jac.reshape(x.shape[0], self.n_terms, self.n_labels)
 
     def curvature(self, weights: np.ndarray) -> np.ndarray:
         """``sum_t weights_t d2A_t/dx dx``, shape (B, K, K)."""
@@ -673,6 +829,9 @@ def _trust_region_newton(
     decrement_tolerance: float,
     step_tolerance: float,
     singular_rtol: float,
+    prune: bool = True,
+    run: np.ndarray | None = None,
+    pruned: np.ndarray | None = None,
 ) -> _FitResult:
     """Batched trust-region Newton on chi2/2 for B = N*M points (see the module docstring).
 
@@ -692,13 +851,25 @@ def _trust_region_newton(
     star = np.repeat(np.arange(statistics.linear.shape[0]), n_starts)
     ops = _DesignOperators(n_labels)
     x = np.array(x0, dtype=np.float64)  # a copy
+    run = np.ones(n_points, dtype=bool) if run is None else np.asarray(run, dtype=bool)
+    pruned = np.zeros(n_points, dtype=bool) if pruned is None else np.array(pruned, dtype=bool)
+    # Points that run or take part in the pruning; the others are left alone (chi2 NaN).
+    needed = np.flatnonzero(run | ~pruned)
+    design = np.full((n_points, statistics.linear.shape[1]), np.nan)
+    resid_vec = np.full_like(design, np.nan)
     with np.errstate(invalid="ignore", over="ignore"):
-        design = ops.centred_design(x)
-        resid_vec = _residual_vector(statistics.quadratic[star], statistics.linear[star], design)
+        design[needed] = ops.centred_design(x[needed])
+        resid_vec[needed] = _residual_vector(
+            statistics.quadratic[star[needed]], statistics.linear[star[needed]], design[needed]
+        )
     radius = np.full(n_points, _RADIUS_INITIAL)
     converged = np.zeros(n_points, dtype=bool)
     n_iter = np.zeros(n_points, dtype=np.int64)
-    active = np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(resid_vec), axis=1)
+    active = run & np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(resid_vec), axis=1)
+    prune = prune and n_starts > 1
+    if prune:
+        with np.errstate(invalid="ignore", over="ignore"):
+            chi2_now = statistics.constant[star] + np.sum(design * (resid_vec - statistics.linear[star]), axis=1)
     while active.any():
         ib = np.flatnonzero(active)
         quadratic, linear = statistics.quadratic[star[ib]], statistics.linear[star[ib]]
@@ -717,6 +888,20 @@ def _trust_region_newton(
         no_information = np.all(grad == 0.0, axis=1) & np.all(exact == 0.0, axis=(1, 2))  # e.g. no data
         done = (decrement < decrement_tolerance) | no_information
         broken = ~np.all(np.isfinite(exact_t), axis=(0, 1)) | ~np.all(np.isfinite(grad_t), axis=0)
+        if prune:
+            drop = _starts_to_prune(ib, n_starts, x, chi2_now, ~pruned, exact, decrement, posdef & ~done & ~broken)
+            if drop.any():
+                pruned[ib[drop]] = True
+                active[ib[drop]] = False
+                keep = ~drop
+                ib, quadratic, linear, xa, resid_a = ib[keep], quadratic[keep], linear[keep], xa[keep], resid_a[keep]
+                q_jac, gauss_newton, grad, exact = q_jac[keep], gauss_newton[keep], grad[keep], exact[keep]
+                # np.compress keeps C order (see _DesignOperators: star-independent sums).
+                exact_t, factor = np.compress(keep, exact_t, axis=2), np.compress(keep, factor, axis=2)
+                grad_t = np.compress(keep, grad_t, axis=1)
+                posdef, decrement, done, broken = posdef[keep], decrement[keep], done[keep], broken[keep]
+                if ib.size == 0:
+                    continue
 
         # Model Hessian: the exact one where positive definite; elsewhere Gauss-Newton, unless
         # it says the point is already (nearly) stationary: then a saddle is left along the
@@ -809,13 +994,50 @@ def _trust_region_newton(
         )
         acc = ib[accept]
         x[acc], resid_vec[acc], design[acc] = x_trial[accept], resid_trial[accept], design_trial[accept]
+        if prune:
+            chi2_now[acc] = statistics.constant[star[acc]] + np.sum(
+                design[acc] * (resid_vec[acc] - statistics.linear[star[acc]]), axis=1
+            )
         n_iter[ib] += 1
         finished = done | small_step
         converged[ib[finished]] = True
         stalled = broken | (radius[ib] < _RADIUS_MIN)
         active[ib[finished | stalled | (n_iter[ib] >= max_iterations)]] = False
-    chi2 = statistics.constant[star] + np.sum(design * (resid_vec - statistics.linear[star]), axis=1)
-    return _FitResult(x, chi2, converged, n_iter)
+    chi2 = np.full(n_points, np.nan)
+    chi2[needed] = statistics.constant[star[needed]] + np.sum(
+        design[needed] * (resid_vec[needed] - statistics.linear[star[needed]]), axis=1
+    )
+    return _FitResult(x, chi2, converged, n_iter, pruned)
+
+
+def _starts_to_prune(ib, n_starts, x, chi2_now, alive, exact, decrement, eligible) -> np.ndarray:
+    """Which active points ``ib`` cannot win their star and can stop (bool over ib).
+
+    A point is examined when ``eligible`` (positive definite exact Hessian, not yet
+    converged) and its decrement is below ``_PRUNE_DECREMENT``. It is dropped if another
+    live point of the same star, with a lower chi2 (ties: the earlier start), lies within
+    ``_PRUNE_DISTANCE`` of it in the metric of its Hessian (both converge to the same
+    minimum), or if another live point's chi2 is below ``chi2 - 2 decrement -
+    _PRUNE_MARGIN`` (its local minimum is worse than what the star already has). The
+    point with the lowest chi2 of a star is never dropped; every decision uses only the
+    points of the same star.
+    """
+    drop = np.zeros(ib.size, dtype=bool)
+    cand = np.flatnonzero(eligible & (decrement < _PRUNE_DECREMENT))
+    if cand.size == 0:
+        return drop
+    j = ib[cand]
+    others = (j // n_starts * n_starts)[:, None] + np.arange(n_starts)  # (c, M): the star's points
+    delta = x[others] - x[j][:, None, :]
+    with np.errstate(invalid="ignore", over="ignore"):
+        distance = 2.0 * np.sum((delta @ exact[cand]) * delta, axis=-1)  # chi2 units
+        chi2_j, chi2_o = chi2_now[j][:, None], chi2_now[others]
+        valid = alive[others] & (others != j[:, None]) & np.isfinite(chi2_o)
+        lower = valid & ((chi2_o < chi2_j) | ((chi2_o == chi2_j) & (others < j[:, None])))
+        duplicate = np.any(lower & (distance < _PRUNE_DISTANCE), axis=1)
+        hopeless = np.any(valid & (chi2_o < chi2_j - 2.0 * decrement[cand][:, None] - _PRUNE_MARGIN), axis=1)
+    drop[cand] = duplicate | hopeless
+    return drop
 
 
 def _symmetric_entries(matrices: np.ndarray) -> np.ndarray:

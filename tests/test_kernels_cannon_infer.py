@@ -257,14 +257,13 @@ def test_segment_descent_check_is_exact(simulated, inferred):
     stats = sufficient_statistics(flux[:100], ivar[:100], theta, s2)
     rng = np.random.default_rng(8)
     optimum = scale_labels(inferred.labels[:100], PIVOTS, SCALES)
-    star = np.arange(100)
     t = np.linspace(0.0, 1.0, 4001)
     outcomes = []
     for x_from, x_to in (
         (optimum + rng.normal(scale=1.5, size=optimum.shape), optimum),  # mostly downhill
         (rng.normal(scale=1.5, size=optimum.shape), rng.normal(scale=1.5, size=optimum.shape)),
     ):
-        got = _descends_to(stats, star, x_from, x_to)
+        got = _descends_to(stats, x_from[:, None, :], x_to)[:, 0]
         path = x_from[:, None, :] + t[None, :, None] * (x_to - x_from)[:, None, :]
         chi2 = chi2_from_statistics(stats, path)
         want = np.all(np.diff(chi2, axis=1) <= 1e-6, axis=1)

@@ -62,12 +62,12 @@ with one of those or ``SINGULAR_HESSIAN``. Inputs are never modified.
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Literal, NamedTuple
 
 import numpy as np
 
 from lamost_mdwarf.kernels.cannon_design import (
-    design_jacobian,
     design_matrix,
     design_second_derivatives,
     n_quadratic_terms,
@@ -363,7 +363,7 @@ def chi2_from_statistics(statistics: SufficientStatistics, scaled_labels: np.nda
     if squeeze:
         x = x[:, None, :]
     design = _centred_design(x)
-    q_design = np.einsum("ntu,nmu->nmt", statistics.quadratic, design)
+    q_design = np.swapaxes(statistics.quadratic @ np.swapaxes(design, 1, 2), 1, 2)  # Q A' per point
     chi2 = statistics.constant[:, None] + np.sum(design * (q_design - 2.0 * statistics.linear[:, None, :]), axis=-1)
     return chi2[:, 0] if squeeze else chi2
 
@@ -565,7 +565,7 @@ def optimize_labels(
     n_iterations = fit.n_iterations[flat_best]
 
     x_for_hessian = np.where(any_finite[:, None], x_best, 0.0)
-    hessian = _hessians(statistics, np.arange(n_stars), x_for_hessian, covariance == "exact")
+    hessian = _hessians(statistics, x_for_hessian, covariance == "exact")
     eigenvalues, eigenvectors = _safe_eigh(hessian)
     positive = np.all(np.isfinite(eigenvalues), axis=1) & (
         eigenvalues[:, 0] > singular_rtol * np.abs(eigenvalues[:, -1])
@@ -646,14 +646,17 @@ def _multi_start_search(
     best_flat = np.arange(n_stars) * n_starts + first
     x_best = fit1.x[best_flat]
     has_best = fit1.converged[best_flat] & np.isfinite(fit1.chi2[best_flat])
-    others = np.flatnonzero(~phase1 & finite_start.ravel() & has_best[star])
+    others = ~phase1 & finite_start.ravel() & has_best[star]
     in_basin = np.zeros(n_points, dtype=bool)
-    if others.size:
-        in_basin[others] = _descends_to(statistics, star[others], x0[others], x_best[star[others]])
+    if others.any():
+        in_basin = others & _descends_to(statistics, x0.reshape(n_stars, n_starts, -1), x_best).ravel()
     x1 = np.where(phase1[:, None], fit1.x, x0)
+    run2 = ~phase1 & ~in_basin & finite_start.ravel()
+    if not run2.any():  # every other start pruned (or unusable): the phase-1 result stands
+        return _FitResult(x1, fit1.chi2, fit1.converged, fit1.n_iterations, ~phase1)
     fit2 = _trust_region_newton(
         statistics, x1, n_starts, max_iterations, decrement_tolerance, step_tolerance, singular_rtol,
-        prune=True, run=~phase1 & ~in_basin, pruned=in_basin,
+        prune=True, run=run2, pruned=in_basin,
     )
     return _FitResult(
         x=fit2.x,
@@ -668,25 +671,32 @@ def _multi_start_search(
 _BARRIER_TOLERANCE = 1e-3
 
 
-def _descends_to(statistics, star, x_from, x_to) -> np.ndarray:
-    """Whether chi2 is non-increasing along the straight segment ``x_from -> x_to`` (B,).
+def _descends_to(statistics, x_from: np.ndarray, x_to: np.ndarray) -> np.ndarray:
+    """Whether chi2 is non-increasing along the straight segments ``x_from -> x_to``.
 
+    ``x_from`` has shape (N, M, K) (M points per star), ``x_to`` (N, K); returns (N, M).
     Along ``x(t) = x_from + t d``, ``A'(x(t)) = A0 + t A1 + t^2 A2`` exactly (``A1 = J d``,
     ``A2 = d_a d_b`` per term), so chi2 is the quartic ``sum_i c_i t^i``; its derivative
     (a cubic) is at most ``_BARRIER_TOLERANCE`` on [0, 1] iff it is at the ends and at
     the zeros of its derivative (a quadratic) inside (0, 1).
     """
-    ops = _DesignOperators(x_from.shape[1])
-    quadratic, linear = statistics.quadratic[star], statistics.linear[star]
-    d = x_to - x_from
+    n_stars, n_points, n_labels = x_from.shape
+    ops = _design_operators(n_labels)
+    flat_from = x_from.reshape(n_stars * n_points, n_labels)
+    d = (x_to[:, None, :] - x_from).reshape(n_stars * n_points, n_labels)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        a0, a1, a2 = ops.centred_design(x_from), ops.directional(x_from, d), ops.second_order(d)
-        q_a1 = (quadratic @ a1[:, :, None])[:, :, 0]
-        q_a2 = (quadratic @ a2[:, :, None])[:, :, 0]
-        c1 = 2.0 * np.sum(a0 * q_a1 - linear * a1, axis=1)
-        c2 = np.sum(a1 * q_a1 + 2.0 * (a0 * q_a2 - linear * a2), axis=1)
-        c3 = 2.0 * np.sum(a1 * q_a2, axis=1)
-        c4 = np.sum(a2 * q_a2, axis=1)
+        shape = (n_stars, n_points, -1)
+        a0 = ops.centred_design(flat_from).reshape(shape)
+        a1 = ops.directional(flat_from, d).reshape(shape)
+        a2 = ops.second_order(d).reshape(shape)
+        # Q A for all points of a star: one (T, T) @ (T, M) product per star.
+        q_a1 = np.swapaxes(statistics.quadratic @ np.swapaxes(a1, 1, 2), 1, 2)
+        q_a2 = np.swapaxes(statistics.quadratic @ np.swapaxes(a2, 1, 2), 1, 2)
+        linear = statistics.linear[:, None, :]
+        c1 = 2.0 * np.sum(a0 * q_a1 - linear * a1, axis=-1)
+        c2 = np.sum(a1 * q_a1 + 2.0 * (a0 * q_a2 - linear * a2), axis=-1)
+        c3 = 2.0 * np.sum(a1 * q_a2, axis=-1)
+        c4 = np.sum(a2 * q_a2, axis=-1)
 
         def slope(t):
             return c1 + t * (2.0 * c2 + t * (3.0 * c3 + t * 4.0 * c4))
@@ -741,6 +751,12 @@ _PRUNE_DISTANCE = 1.0
 #: minimum predicted by the quadratic model (``chi2 - decrement``) by more than
 #: ``decrement`` plus this margin (chi2 units).
 _PRUNE_MARGIN = 1.0
+
+
+@functools.lru_cache(maxsize=8)
+def _design_operators(n_labels: int) -> "_DesignOperators":
+    """The (immutable) operators of a K-label design, built once."""
+    return _DesignOperators(n_labels)
 
 
 class _DesignOperators:
@@ -848,8 +864,9 @@ def _trust_region_newton(
     a batched LAPACK call per 4x4 matrix); indefinite or singular ones with ``eigh``.
     """
     n_points, n_labels = x0.shape
-    star = np.repeat(np.arange(statistics.linear.shape[0]), n_starts)
-    ops = _DesignOperators(n_labels)
+    n_all_stars = statistics.linear.shape[0]
+    star = np.repeat(np.arange(n_all_stars), n_starts)
+    ops = _design_operators(n_labels)
     x = np.array(x0, dtype=np.float64)  # a copy
     run = np.ones(n_points, dtype=bool) if run is None else np.asarray(run, dtype=bool)
     pruned = np.zeros(n_points, dtype=bool) if pruned is None else np.array(pruned, dtype=bool)
@@ -872,7 +889,11 @@ def _trust_region_newton(
             chi2_now = statistics.constant[star] + np.sum(design * (resid_vec - statistics.linear[star]), axis=1)
     while active.any():
         ib = np.flatnonzero(active)
-        quadratic, linear = statistics.quadratic[star[ib]], statistics.linear[star[ib]]
+        stars_b = star[ib]
+        if stars_b.size == n_all_stars and stars_b[0] == 0 and stars_b[-1] == n_all_stars - 1:
+            quadratic, linear = statistics.quadratic, statistics.linear  # one point per star, in order
+        else:
+            quadratic, linear = np.take(statistics.quadratic, stars_b, axis=0), np.take(statistics.linear, stars_b, axis=0)
         xa, resid_a = x[ib], resid_vec[ib]
         jac = ops.jacobian(xa)  # (b, T, K)
         q_jac = quadratic @ jac
@@ -1048,12 +1069,7 @@ def _symmetric_entries(matrices: np.ndarray) -> np.ndarray:
 
 def _matvec(matrices_t: np.ndarray, vectors_t: np.ndarray) -> np.ndarray:
     """``M v`` for (K, K, B) matrices and (K, B) vectors."""
-    out = np.empty_like(vectors_t)
-    for i in range(matrices_t.shape[0]):
-        out[i] = matrices_t[i, 0] * vectors_t[0]
-        for k in range(1, matrices_t.shape[0]):
-            out[i] += matrices_t[i, k] * vectors_t[k]
-    return out
+    return np.einsum("klb,lb->kb", matrices_t, vectors_t)
 
 
 def _cholesky(matrices_t: np.ndarray, singular_rtol: float) -> tuple[np.ndarray, np.ndarray]:
@@ -1282,23 +1298,15 @@ def _centred_design(x: np.ndarray) -> np.ndarray:
     return design
 
 
-def _design_and_residual_vector(statistics, star, x) -> tuple[np.ndarray, np.ndarray]:
-    """Centred design A' and ``Q A' - b`` (d chi2/2 / d A') for points of given stars."""
-    design = _centred_design(x)
-    resid_vec = np.einsum("btu,bu->bt", statistics.quadratic[star], design) - statistics.linear[star]
-    return design, resid_vec
-
-
-def _hessians(statistics, star, x, exact: bool, jac=None, resid_vec=None) -> np.ndarray:
-    """Hessian of chi2/2 w.r.t. scaled labels: J^T Q J (+ sum_t v_t d2A_t if exact)."""
-    if jac is None:
-        jac = design_jacobian(x)
-    quadratic = statistics.quadratic[star]
-    hess = np.einsum("btk,btl->bkl", jac, quadratic @ jac)
+def _hessians(statistics, x, exact: bool) -> np.ndarray:
+    """Hessian of chi2/2 w.r.t. scaled labels of one point per star (N, K):
+    J^T Q J (+ sum_t v_t d2A_t if exact, v = Q A' - b)."""
+    ops = _design_operators(x.shape[-1])
+    jac = ops.jacobian(x)
+    hess = np.swapaxes(jac, 1, 2) @ (statistics.quadratic @ jac)
     if exact:
-        if resid_vec is None:
-            _, resid_vec = _design_and_residual_vector(statistics, star, x)
-        hess = hess + np.einsum("bt,tkl->bkl", resid_vec, design_second_derivatives(x.shape[-1]))
+        resid_vec = _residual_vector(statistics.quadratic, statistics.linear, ops.centred_design(x))
+        hess = hess + ops.curvature(resid_vec)
     return 0.5 * (hess + np.swapaxes(hess, -1, -2))
 
 

@@ -906,7 +906,9 @@ def _trust_region_newton(
         factor, posdef = _cholesky(exact_t, singular_rtol)
         with np.errstate(invalid="ignore", over="ignore"):
             decrement = np.where(posdef, np.sum(_forward_substitution(factor, grad_t) ** 2, axis=0), np.inf)
-        no_information = np.all(grad == 0.0, axis=1) & np.all(exact == 0.0, axis=(1, 2))  # e.g. no data
+        no_information = np.all(grad == 0.0, axis=1)  # and a zero Hessian: e.g. no data
+        if no_information.any():
+            no_information &= np.all(exact == 0.0, axis=(1, 2))
         done = (decrement < decrement_tolerance) | no_information
         broken = ~np.all(np.isfinite(exact_t), axis=(0, 1)) | ~np.all(np.isfinite(grad_t), axis=0)
         if prune:
@@ -948,11 +950,18 @@ def _trust_region_newton(
         top_val = np.zeros(ib.size)
         chol = np.flatnonzero(by_cholesky & ~broken)
         eig_path = np.flatnonzero(~by_cholesky & ~broken)
-        if chol.size:
+        if chol.size == ib.size:  # (almost always) no copies
+            step_t, shift, chol_factor = _trust_region_step_cholesky(model_t, factor, grad_t, radius[ib], singular_rtol)
+            top_vec, top_val = _top_eigenpair(model_t)
+        elif chol.size:
+            # np.take keeps C order (fancy indexing on the last axis does not, and the
+            # entry-by-entry operations on such arrays are 2x slower).
+            model_c = np.take(model_t, chol, axis=-1)
             step_t[:, chol], shift[chol], chol_factor = _trust_region_step_cholesky(
-                model_t[:, :, chol], factor[:, :, chol], grad_t[:, chol], radius[ib[chol]], singular_rtol
+                model_c, np.take(factor, chol, axis=-1), np.take(grad_t, chol, axis=-1), radius[ib[chol]],
+                singular_rtol,
             )
-            top_vec[:, chol], top_val[chol] = _top_eigenpair(model_t[:, :, chol])
+            top_vec[:, chol], top_val[chol] = _top_eigenpair(model_c)
         if eig_path.size:
             eig, vec = _safe_eigh(np.moveaxis(model_t[:, :, eig_path], -1, 0))
             grad_eig = (grad[eig_path, None, :] @ vec)[:, 0]
@@ -964,8 +973,10 @@ def _trust_region_newton(
             step = np.ascontiguousarray(step_t.T)
             # Geodesic acceleration: the model's second-order term along the step, projected out.
             curvature_grad = np.ascontiguousarray(((2.0 * ops.second_order(step))[:, None, :] @ q_jac)[:, 0].T)
-            if chol.size:
-                accel_t[:, chol] = -_cholesky_solve(chol_factor, curvature_grad[:, chol])
+            if chol.size == ib.size:
+                accel_t = -_cholesky_solve(chol_factor, curvature_grad)
+            elif chol.size:
+                accel_t[:, chol] = -_cholesky_solve(chol_factor, np.take(curvature_grad, chol, axis=-1))
             if eig_path.size:
                 shifted = eig + shift[eig_path, None]
                 inverse = np.where(shifted > 0, 1.0 / np.where(shifted > 0, shifted, 1.0), 0.0)
@@ -1172,13 +1183,13 @@ def _trust_region_step_cholesky(
     for _ in range(50):
         if todo.size == 0:
             break
-        p, r = step_t[:, todo], radius[todo]
-        q = _forward_substitution(factor[:, :, todo], p)
+        p, r = np.take(step_t, todo, axis=-1), radius[todo]
+        q = _forward_substitution(np.take(factor, todo, axis=-1), p)
         norm_p = np.sqrt(np.sum(p**2, axis=0))
         norm_q2 = np.sum(q**2, axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             new_shift = np.maximum(shift[todo] + norm_p**2 / norm_q2 * (norm_p - r) / r, 0.0)
-        shifted = model_t[:, :, todo].copy()
+        shifted = np.take(model_t, todo, axis=-1)
         shifted[diagonal, diagonal] += new_shift
         new_factor, ok = _cholesky(shifted, singular_rtol)  # shift >= 0 on a positive definite model
         keep = ok & np.isfinite(new_shift)
@@ -1187,8 +1198,9 @@ def _trust_region_step_cholesky(
             step_t[:, lost] *= radius[lost] / np.sqrt(np.sum(step_t[:, lost] ** 2, axis=0))
         sub = todo[keep]
         shift[sub] = new_shift[keep]
-        factor[:, :, sub] = new_factor[:, :, keep]
-        step_t[:, sub] = -_cholesky_solve(new_factor[:, :, keep], grad_t[:, sub])
+        kept_factor = np.compress(keep, new_factor, axis=-1)
+        factor[:, :, sub] = kept_factor
+        step_t[:, sub] = -_cholesky_solve(kept_factor, np.take(grad_t, sub, axis=-1))
         norm_sub = np.sqrt(np.sum(step_t[:, sub] ** 2, axis=0))
         todo = sub[np.abs(norm_sub - radius[sub]) > _BOUNDARY_RTOL * radius[sub]]
     return step_t, shift, factor

@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_accuracy import evaluate, load_comparison  # noqa: E402
 from bench_scaling import StageMemory, label_subset, worker_identity  # noqa: E402
 
 DR1_SPECTRA = 122_677
@@ -124,6 +125,18 @@ def run_all_stages(client, files: list[Path], labels: Path, workdir: Path, figur
     return out
 
 
+def accuracy_against_truth(results: Path, truth: Path) -> dict:
+    """Scatter and pull widths of the quality sample's single M dwarfs against the simulator's truth."""
+    metrics = evaluate(load_comparison(results, truth))
+    print(f"against the simulator's truth ({metrics['n_sample']:,} single M dwarfs with flags == 0; "
+          f"completeness {100 * metrics['completeness_quality']:.1f} %):")
+    for name, entry in metrics["labels"].items():
+        bins = ", ".join(f"{b['lo']}-{b['hi']:g}: {b['pull']:.2f}" for b in entry["bins"])
+        print(f"  {name:<11} scatter {entry['std']:.4g} (robust {entry['robust']:.4g}); pull width "
+              f"{entry['pull']:.2f} (robust {entry['pull_robust']:.2f}); per SNR bin {bins}")
+    return metrics
+
+
 def tree_bytes(path: Path) -> int:
     """Bytes on disk of a file or of every file under a directory."""
     if path.is_file():
@@ -192,10 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     print("sizes: " + ", ".join(f"{k} {v / 2**20:,.0f} MiB" for k, v in sizes.items()))
     if sim_seconds:
         print(f"(simulation: {sim_seconds:.0f} s)")
+    accuracy = accuracy_against_truth(work / "results.zarr",
+                                      args.workdir / f"survey-{args.n_spectra}-seed{args.seed}" / "truth.csv")
     if args.json:
         args.json.write_text(json.dumps({"n_spectra": n_star, "stages": stages, "total_seconds": total,
                                          "memory_limit": limit, "workers_restarted": restarted, "sizes": sizes,
-                                         "n_catalog": n_catalog, "simulation_seconds": sim_seconds}, indent=1))
+                                         "n_catalog": n_catalog, "simulation_seconds": sim_seconds,
+                                         "accuracy": accuracy}, indent=1))
     return 0 if (total < TARGET_SECONDS and not restarted) else 1
 
 

@@ -272,11 +272,19 @@ def _model_constants(theta: np.ndarray, s2: np.ndarray, pivot_terms: bool):
     return constants
 
 
+def _as_float(values) -> np.ndarray:
+    """``values`` as a float32 or float64 array (other types converted to float64)."""
+    values = np.asarray(values)
+    return values if values.dtype in (np.float32, np.float64) else values.astype(np.float64)
+
+
 def _statistics(flux, ivar, theta, s2, masked_ivar_threshold, pivot_terms: bool) -> SufficientStatistics:
     """:func:`sufficient_statistics`; without ``pivot_terms`` row and column 0 of ``Q`` and
     ``b_0`` (never used by the optimiser, since ``A'_0 = 0``) are left at 0."""
-    flux = np.asarray(flux, dtype=np.float64)
-    ivar = np.asarray(ivar, dtype=np.float64)
+    # float32 spectra (as stored) are converted block by block, inside the elementwise
+    # operations (exactly: float32 -> float64 is exact), not copied whole.
+    flux = _as_float(flux)
+    ivar = _as_float(ivar)
     theta = np.asarray(theta, dtype=np.float64)
     s2 = np.asarray(s2, dtype=np.float64)
     if flux.ndim != 2 or ivar.shape != flux.shape:

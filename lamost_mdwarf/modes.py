@@ -16,7 +16,8 @@ with (a model without a recorded mode is a ``paper`` model).
       catalog labels are not outliers of the Mann et al. relations (``label_outlier`` and
       ``bad_labels`` bits clear), one spectrum per object (the highest SNR), SNR_lambda
       above the survey cut (50) -- about 10x the paper's 250 cut, possible because the
-      catalog labels are no longer trusted star by star.
+      catalog labels are no longer trusted star by star; at most 10,000 of them (a
+      random subset), which bounds the training memory.
     * Labels: Teff and ``n_latent`` latent labels, training labels refined as latent
       variables anchored to the catalog (:mod:`lamost_mdwarf.kernels.label_refinement`);
       R, M and L derived from them by catalog-calibrated regressions.
@@ -80,6 +81,12 @@ class ModeSettings:
     error_mode : str
         ``"error_model"`` (paper: SNR error model alone) or ``"calibrated"`` (formal and
         cross-validated systematic terms in quadrature).
+    max_training_stars : int or None
+        ``training_pool == "matched"``: at most this many training objects, a random
+        subset (seeded by ``seed``) when more match. The label refinement holds the
+        training spectra in memory (about 0.3 MB per star on the default grid), so this
+        bounds it whatever the size of the survey and of the catalog; a DR1-size survey
+        matched with a TCD-like catalog gives ~11,000. ``None``: no limit.
     seed : int
         Seed of the fold assignments (results are reproducible).
     """
@@ -96,6 +103,7 @@ class ModeSettings:
     clip_grow: int = 1
     clip_rounds: int = 3
     error_mode: str = "error_model"
+    max_training_stars: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,6 +119,8 @@ class ModeSettings:
             raise ValueError("n_folds and validation_folds must be >= 2 and damping in [0, 1)")
         if self.clip_sigma is not None and not self.clip_sigma > 0:
             raise ValueError(f"clip_sigma must be > 0 or None, got {self.clip_sigma!r}")
+        if self.max_training_stars is not None and self.max_training_stars < 2:
+            raise ValueError(f"max_training_stars must be >= 2 or None, got {self.max_training_stars!r}")
 
     @property
     def robust(self) -> bool:
@@ -126,7 +136,8 @@ MODES: dict[str, ModeSettings] = {
     "paper": ModeSettings(name="paper"),
     "best": ModeSettings(name="best", label_model="latent", training_pool="matched", n_latent=2,
                          refine_iterations=4, n_folds=5, validation_folds=10, damping=0.5, clip_sigma=5.0,
-                         clip_grow=1, clip_rounds=3, error_mode="calibrated"),
+                         clip_grow=1, clip_rounds=3, error_mode="calibrated",
+                         max_training_stars=10_000),
 }
 
 #: The mode of ``lamost-mdwarf run/demo/train`` when none is given.

@@ -252,6 +252,23 @@ def test_best_mode_pulls_against_truth(both_modes):
     assert validation.systematic["teff"].sigma > 0 and "systematic teff" in validation.format()
 
 
+def test_best_mode_training_pool_is_capped(both_modes):
+    """max_training_stars keeps a seeded random subset of the matched objects (bounded memory)."""
+    import dataclasses
+
+    selection = open_selection(both_modes["store"])
+    snr = np.asarray(open_survey_store(both_modes["store"])["snr_lambda"].values, dtype=float)
+    full = training_pool_rows(selection, snr, dataclasses.replace(MODES["best"], max_training_stars=None))
+    assert MODES["best"].max_training_stars == 10_000 and full.size < 10_000
+    np.testing.assert_array_equal(training_pool_rows(selection, snr, MODES["best"]), full)
+    capped_mode = dataclasses.replace(MODES["best"], max_training_stars=full.size // 2)
+    capped = training_pool_rows(selection, snr, capped_mode)
+    assert capped.size == full.size // 2 and np.all(np.diff(capped) > 0) and np.isin(capped, full).all()
+    np.testing.assert_array_equal(capped, training_pool_rows(selection, snr, capped_mode))  # reproducible
+    with pytest.raises(ValueError, match="max_training_stars"):
+        dataclasses.replace(MODES["best"], max_training_stars=1)
+
+
 # --- 3. the paper mode is the paper ------------------------------------------------------
 
 def test_paper_mode_reproduces_the_paper_pipeline(both_modes):

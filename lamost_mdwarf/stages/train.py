@@ -52,7 +52,8 @@ def training_pool_rows(selection: xr.Dataset, snr_lambda: np.ndarray, mode: Mode
         ``training_pool == "training"``: the ``training`` subset; ``"matched"``: every
         spectrum of the ``training`` or ``validation`` subsets whose catalog labels are
         finite, positive, with positive errors and not flagged as relation outliers, one
-        per catalog object (the highest SNR_lambda).
+        per catalog object (the highest SNR_lambda); a random subset of
+        ``mode.max_training_stars`` of them when there are more.
     label_names : sequence of str
         Catalog labels that must be usable.
 
@@ -77,7 +78,11 @@ def training_pool_rows(selection: xr.Dataset, snr_lambda: np.ndarray, mode: Mode
     order = np.lexsort((-snr, label_index))
     first = np.ones(rows.size, dtype=bool)
     first[1:] = label_index[order][1:] != label_index[order][:-1]
-    return np.sort(rows[order][first])
+    chosen = np.sort(rows[order][first])
+    if mode.max_training_stars is not None and chosen.size > mode.max_training_stars:
+        rng = np.random.default_rng(mode.seed)
+        chosen = np.sort(rng.choice(chosen, size=mode.max_training_stars, replace=False))
+    return chosen
 
 
 def normalized_spectra(store: str | os.PathLike, rows: np.ndarray | slice | None = None) -> tuple[xr.DataArray, xr.DataArray]:

@@ -399,6 +399,14 @@ def test_starting_points_from_training():
         starting_points_from_training(training, quantiles=(1.5,))
 
 
+def test_empty_chunk(simulated):
+    theta, s2, flux, ivar, _, starts = simulated
+    for prune in (True, False):
+        result = infer_labels(flux[:0], ivar[:0], theta, s2, PIVOTS, SCALES, starts, prune=prune)
+        assert result.labels.shape == (0, 4) and result.covariance.shape == (0, 4, 4)
+        assert result.status.shape == (0,)
+
+
 def test_bad_shapes_raise(simulated):
     theta, s2, flux, ivar, _, starts = simulated
     with pytest.raises(ValueError):

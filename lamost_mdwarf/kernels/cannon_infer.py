@@ -654,8 +654,8 @@ def _multi_start_search(
     chi2 barrier from ``x*`` (another local minimum) is never dropped before it is
     within ~1 sigma of its own minimum.
     """
-    n_points = x0.shape[0]
-    if not prune or n_starts == 1:
+    n_points, n_labels = x0.shape
+    if not prune or n_starts == 1 or n_points == 0:
         return _trust_region_newton(
             statistics, x0, n_starts, max_iterations, decrement_tolerance, step_tolerance, singular_rtol, prune
         )
@@ -663,8 +663,8 @@ def _multi_start_search(
     star = np.repeat(np.arange(n_stars), n_starts)
     x0 = np.asarray(x0, dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
-        chi2_start = chi2_from_statistics(statistics, x0.reshape(n_stars, n_starts, -1))
-    finite_start = np.isfinite(chi2_start) & np.all(np.isfinite(x0.reshape(n_stars, n_starts, -1)), axis=-1)
+        chi2_start = chi2_from_statistics(statistics, x0.reshape(n_stars, n_starts, n_labels))
+    finite_start = np.isfinite(chi2_start) & np.all(np.isfinite(x0.reshape(n_stars, n_starts, n_labels)), axis=-1)
     first = np.argmin(np.where(finite_start, chi2_start, np.inf), axis=1)  # ties: the earlier start
     phase1 = np.zeros(n_points, dtype=bool)
     phase1[np.arange(n_stars) * n_starts + first] = True
@@ -678,7 +678,7 @@ def _multi_start_search(
     others = ~phase1 & finite_start.ravel() & has_best[star]
     in_basin = np.zeros(n_points, dtype=bool)
     if others.any():
-        in_basin = others & _descends_to(statistics, x0.reshape(n_stars, n_starts, -1), x_best).ravel()
+        in_basin = others & _descends_to(statistics, x0.reshape(n_stars, n_starts, n_labels), x_best).ravel()
     x1 = np.where(phase1[:, None], fit1.x, x0)
     run2 = ~phase1 & ~in_basin & finite_start.ravel()
     if not run2.any():  # every other start pruned (or unusable): the phase-1 result stands

@@ -685,7 +685,7 @@ def _multi_start_search(
         return _FitResult(x1, fit1.chi2, fit1.converged, fit1.n_iterations, ~phase1)
     fit2 = _trust_region_newton(
         statistics, x1, n_starts, max_iterations, decrement_tolerance, step_tolerance, singular_rtol,
-        prune=True, run=run2, pruned=in_basin,
+        prune=True, run=run2, pruned=in_basin, target=np.where(has_best[:, None], x_best, np.nan),
     )
     return _FitResult(
         x=fit2.x,
@@ -721,28 +721,43 @@ def _descends_to(statistics, x_from: np.ndarray, x_to: np.ndarray) -> np.ndarray
         # Q A for all points of a star: one (T, T) @ (T, M) product per star.
         q_a1 = np.swapaxes(statistics.quadratic @ np.swapaxes(a1, 1, 2), 1, 2)
         q_a2 = np.swapaxes(statistics.quadratic @ np.swapaxes(a2, 1, 2), 1, 2)
-        linear = statistics.linear[:, None, :]
-        c1 = 2.0 * np.sum(a0 * q_a1 - linear * a1, axis=-1)
-        c2 = np.sum(a1 * q_a1 + 2.0 * (a0 * q_a2 - linear * a2), axis=-1)
-        c3 = 2.0 * np.sum(a1 * q_a2, axis=-1)
-        c4 = np.sum(a2 * q_a2, axis=-1)
+        return _monotone_quartic(a0, a1, a2, q_a1, q_a2, statistics.linear[:, None, :])
 
-        def slope(t):
-            return c1 + t * (2.0 * c2 + t * (3.0 * c3 + t * 4.0 * c4))
 
-        worst = np.maximum(slope(0.0), slope(1.0))
-        # Zeros of slope'(t) = 2 c2 + 6 c3 t + 12 c4 t^2 (or of its linear part if c4 = 0).
-        disc = np.sqrt(np.maximum(36.0 * c3**2 - 96.0 * c2 * c4, 0.0))
-        quadratic_case = c4 != 0.0
-        roots = [
-            np.where(quadratic_case, (-6.0 * c3 + disc) / (24.0 * c4), -c2 / (3.0 * c3)),
-            np.where(quadratic_case, (-6.0 * c3 - disc) / (24.0 * c4), np.nan),
-        ]
-        for t in roots:
-            inside = np.isfinite(t) & (t > 0.0) & (t < 1.0)
-            worst = np.where(inside, np.maximum(worst, slope(np.where(inside, t, 0.0))), worst)
-        scale = np.abs(c1) + np.abs(c2) + np.abs(c3) + np.abs(c4)
-        return np.isfinite(worst) & np.isfinite(scale) & (worst <= _BARRIER_TOLERANCE + 1e-12 * scale)
+def _descends_to_points(quadratic, linear, x_from: np.ndarray, x_to: np.ndarray) -> np.ndarray:
+    """:func:`_descends_to` for B points with their own (B, T, T) ``Q`` and (B, T) ``b``."""
+    ops = _design_operators(x_from.shape[1])
+    d = x_to - x_from
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        a0, a1, a2 = ops.centred_design(x_from), ops.directional(x_from, d), ops.second_order(d)
+        q_a1 = _residual_vector(quadratic, 0.0, a1)
+        q_a2 = _residual_vector(quadratic, 0.0, a2)
+        return _monotone_quartic(a0, a1, a2, q_a1, q_a2, linear)
+
+
+def _monotone_quartic(a0, a1, a2, q_a1, q_a2, linear) -> np.ndarray:
+    """The test of :func:`_descends_to`, from ``A0, A1, A2``, ``Q A1``, ``Q A2`` and ``b``."""
+    c1 = 2.0 * np.sum(a0 * q_a1 - linear * a1, axis=-1)
+    c2 = np.sum(a1 * q_a1 + 2.0 * (a0 * q_a2 - linear * a2), axis=-1)
+    c3 = 2.0 * np.sum(a1 * q_a2, axis=-1)
+    c4 = np.sum(a2 * q_a2, axis=-1)
+
+    def slope(t):
+        return c1 + t * (2.0 * c2 + t * (3.0 * c3 + t * 4.0 * c4))
+
+    worst = np.maximum(slope(0.0), slope(1.0))
+    # Zeros of slope'(t) = 2 c2 + 6 c3 t + 12 c4 t^2 (or of its linear part if c4 = 0).
+    disc = np.sqrt(np.maximum(36.0 * c3**2 - 96.0 * c2 * c4, 0.0))
+    quadratic_case = c4 != 0.0
+    roots = [
+        np.where(quadratic_case, (-6.0 * c3 + disc) / (24.0 * c4), -c2 / (3.0 * c3)),
+        np.where(quadratic_case, (-6.0 * c3 - disc) / (24.0 * c4), np.nan),
+    ]
+    for t in roots:
+        inside = np.isfinite(t) & (t > 0.0) & (t < 1.0)
+        worst = np.where(inside, np.maximum(worst, slope(np.where(inside, t, 0.0))), worst)
+    scale = np.abs(c1) + np.abs(c2) + np.abs(c3) + np.abs(c4)
+    return np.isfinite(worst) & np.isfinite(scale) & (worst <= _BARRIER_TOLERANCE + 1e-12 * scale)
 
 
 class _FitResult(NamedTuple):
@@ -877,6 +892,7 @@ def _trust_region_newton(
     prune: bool = True,
     run: np.ndarray | None = None,
     pruned: np.ndarray | None = None,
+    target: np.ndarray | None = None,
 ) -> _FitResult:
     """Batched trust-region Newton on chi2/2 for B = N*M points (see the module docstring).
 
@@ -942,6 +958,16 @@ def _trust_region_newton(
         broken = ~np.all(np.isfinite(exact_t), axis=(0, 1)) | ~np.all(np.isfinite(grad_t), axis=0)
         if prune:
             drop = _starts_to_prune(ib, n_starts, x, chi2_now, ~pruned, exact, decrement, posdef & ~done & ~broken)
+            if target is not None:
+                # An iterate from which chi2 descends monotonically to its star's best
+                # minimum found so far has entered that basin (the test of phase 2).
+                goal = target[stars_b]
+                check = ~drop & ~done & np.all(np.isfinite(goal), axis=1)
+                if check.any():
+                    sel = np.flatnonzero(check)
+                    drop[sel] = _descends_to_points(
+                        np.take(quadratic, sel, axis=0), np.take(linear, sel, axis=0), xa[sel], goal[sel]
+                    )
             if drop.any():
                 pruned[ib[drop]] = True
                 active[ib[drop]] = False

@@ -132,6 +132,8 @@ def test_512mib_workers_process_a_survey_several_times_their_memory(big_survey, 
         limits = {a: w["memory_limit"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
         assert set(limits.values()) == {MEMORY_LIMIT}
         exact = all(client.run(reset_peak_rss).values()) and reset_peak_rss()
+        # This process also holds what earlier tests of the session left: measure the growth.
+        client_baseline = current_rss()
         with RssPoller(client) as poller:
             summary = run_pipeline([survey.spectra_dir], labels, work, client, make_figures=False, grid=GRID)
         worker_peaks = client.run(peak_rss) if exact else dict(poller.peak)
@@ -140,7 +142,8 @@ def test_512mib_workers_process_a_survey_several_times_their_memory(big_survey, 
         logs = "\n".join(line for lines in client.get_worker_logs().values() for _level, line in lines)
     memory = (f"worker peak RSS (MiB): {({a: round(v / 2**20) for a, v in worker_peaks.items()})} "
               f"(polled: {({a: round(v / 2**20) for a, v in poller.peak.items()})}, {poller.n_samples} samples); "
-              f"client+scheduler peak {client_peak / 2**20:.0f} MiB; exact peaks: {exact}")
+              f"client+scheduler peak {client_peak / 2**20:.0f} MiB (from {client_baseline / 2**20:.0f} MiB before "
+              f"the run); exact peaks: {exact}")
     print("\n" + memory)
 
     # The whole pipeline ran on the memory-limited cluster.
@@ -178,5 +181,5 @@ def test_512mib_workers_process_a_survey_several_times_their_memory(big_survey, 
     paused = [line for line in logs.splitlines() if "Pausing worker" in line]
     print(f"worker pauses: {len(paused)}")
     # The client (also the local cluster's scheduler and the store's single writer) never
-    # held the survey either.
-    assert client_peak < decoded / 2, memory
+    # held the survey either: its growth during the run stays well below the survey's size.
+    assert client_peak - client_baseline < decoded / 2, memory

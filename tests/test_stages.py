@@ -134,3 +134,24 @@ def test_missing_stage_errors(tmp_path, small_survey, real_lamost_dir):
     run_select(store, small_survey.labels_path)
     with pytest.raises(PipelineError, match="training stars"):
         run_train(store, tmp_path / "m.zarr")
+
+
+def test_error_model_floor_falls_back_when_the_quadratic_dips_below_zero():
+    """A tiny or noisy validation set must not stop the run: the floor becomes data-driven."""
+    from lamost_mdwarf.kernels.error_model import fit_error_model
+    from lamost_mdwarf.stages.validate import _fit_error_model_with_fallback
+
+    rng = np.random.default_rng(4)
+    snr = np.concatenate([rng.uniform(50, 70, 40), rng.uniform(90, 110, 40), rng.uniform(140, 160, 40),
+                          rng.uniform(230, 400, 40)])
+    width = np.interp(snr, [50, 100, 150, 230, 400], [300.0, 120.0, 15.0, 15.0, 15.0])
+    residual = rng.standard_normal(snr.size) * width
+    with pytest.raises(ValueError, match="floor"):
+        fit_error_model(residual, snr, stars_per_bin=40)
+    model, used = _fit_error_model_with_fallback(residual, snr, 40, 225.0, "quadratic_minimum", "K", "teff")
+    assert used == "empirical"
+    assert model.floor == pytest.approx(np.std(residual[snr > 225], ddof=1))
+    few_high = snr < 225  # no star above the threshold: the smallest binned scatter
+    model, used = _fit_error_model_with_fallback(residual[few_high], snr[few_high], 40, 225.0, "quadratic_minimum",
+                                                 "K", "teff")
+    assert used == "min_binned" and 0 < model.floor < 60

@@ -22,7 +22,12 @@ from lamost_mdwarf.errors import PipelineError
 from lamost_mdwarf.inference import infer_dataset, physical_labels
 from lamost_mdwarf.io.survey_store import open_survey_store
 from lamost_mdwarf.kernels.cannon_infer import InferenceStatus
-from lamost_mdwarf.kernels.error_model import DEFAULT_SNR_THRESHOLD, QuadraticErrorModel, fit_error_model
+from lamost_mdwarf.kernels.error_model import (
+    DEFAULT_SNR_THRESHOLD,
+    QuadraticErrorModel,
+    binned_residual_scatter,
+    fit_error_model,
+)
 from lamost_mdwarf.kernels.label_refinement import fit_catalog_anchor
 from lamost_mdwarf.kernels.uncertainty import (
     RepeatScale,
@@ -140,18 +145,23 @@ def run_validate(
 
     summary = ValidationSummary(n_stars=int(usable.sum()))
     error_models = {}
+    fallbacks: dict[str, str] = {}
     for j, (name, unit) in enumerate(zip(model.label_names, model.label_units)):
         res = residual[usable, j]
         summary.bias[name] = float(np.median(res))
         summary.scatter[name] = float(np.std(res, ddof=1))
         summary.robust_scatter[name] = robust_std(res)
-        error_models[name], _ = fit_error_model(res, snr[usable], stars_per_bin=per_bin,
-                                                snr_threshold=snr_threshold, floor_method=floor_method, unit=unit)
+        error_models[name], used = _fit_error_model_with_fallback(res, snr[usable], per_bin, snr_threshold,
+                                                                  floor_method, unit, name)
+        if used != floor_method:
+            fallbacks[name] = used
+            summary.notes.append(f"{name}: the quadratic's floor was not positive (too few or too noisy "
+                                 f"validation stars); floor method {used!r} used instead")
     summary.error_models = error_models
     validated = model.with_error_models(error_models)
     validated.settings = {**validated.settings, "validation": {
         "n_stars": summary.n_stars, "stars_per_bin": per_bin, "snr_threshold": snr_threshold,
-        "floor_method": floor_method}}
+        "floor_method": floor_method, "floor_method_fallbacks": fallbacks}}
     save_model(validated, model_path)
 
     if validation_path is not None:
@@ -170,6 +180,35 @@ def run_validate(
         )
         out.to_zarr(os.fspath(validation_path), mode="w", zarr_format=3, consolidated=False)
     return summary
+
+
+def _fit_error_model_with_fallback(residual: np.ndarray, snr: np.ndarray, stars_per_bin: int,
+                                   snr_threshold: float, floor_method: str, unit: str,
+                                   name: str) -> tuple[QuadraticErrorModel, str]:
+    """The paper's error model; when its floor comes out non-positive, a data-driven floor.
+
+    On small or noisy validation sets the quadratic through the binned scatter can dip
+    below zero before the SNR threshold. The floor then falls back to ``"empirical"``
+    (the residual std above the threshold) and, with fewer than two such stars, to the
+    smallest binned scatter. Returns the model and the floor method actually used.
+    """
+    try:
+        return fit_error_model(residual, snr, stars_per_bin=stars_per_bin, snr_threshold=snr_threshold,
+                               floor_method=floor_method, unit=unit)[0], floor_method
+    except ValueError as exc:
+        if "floor" not in str(exc):
+            raise PipelineError(f"cannot fit the SNR error model of {name}: {exc}") from None
+    try:
+        return fit_error_model(residual, snr, stars_per_bin=stars_per_bin, snr_threshold=snr_threshold,
+                               floor_method="empirical", unit=unit)[0], "empirical"
+    except ValueError:
+        pass
+    bins = binned_residual_scatter(residual, snr, stars_per_bin=stars_per_bin)
+    c2, c1, c0 = np.polyfit(bins.snr_mean, bins.scatter, 2)
+    floor = float(np.min(bins.scatter))
+    if not (np.isfinite(floor) and floor > 0):
+        raise PipelineError(f"cannot fit the SNR error model of {name}: binned residual scatter {bins.scatter}")
+    return QuadraticErrorModel(float(c0), float(c1), float(c2), floor, float(snr_threshold), unit), "min_binned"
 
 
 _FAILED = int(InferenceStatus.NON_FINITE | InferenceStatus.SINGULAR_HESSIAN | InferenceStatus.TOO_FEW_PIXELS)

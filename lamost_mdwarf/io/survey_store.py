@@ -406,13 +406,21 @@ class SurveyStoreWriter:
         n_star, n_file = self.n_star, self.n_file
         ids = self.group["spectrum_id"][:n_star] if n_star else []
         self.known_spectrum_ids: dict[str, int] = {str(s): i for i, s in enumerate(ids)}
+        claimed: set[int] = set()
         if n_file:
             paths = self.group["file_path"][:n_file]
             sizes = self.group["file_size"][:n_file]
             mtimes = self.group["file_mtime_ns"][:n_file]
             self.known_files = {str(p): (int(s), int(m)) for p, s, m in zip(paths, sizes, mtimes)}
+            status = np.asarray(self.group["file_status"][:n_file], dtype=object)
+            index = np.asarray(self.group["file_star_index"][:n_file])
+            claimed = {int(i) for i in index[status == "ingested"]}
         else:
             self.known_files = {}
+        #: Committed stars whose ingesting file has no committed report row (the report
+        #: lagged the spectra when a run was interrupted): the file is re-read on resume and
+        #: reclaims its star instead of being reported as seen again.
+        self.unclaimed_stars: set[int] = set(range(n_star)) - claimed
 
     # ------------------------------------------------------------------ state
     @property
@@ -452,7 +460,13 @@ class SurveyStoreWriter:
         if star_row is not None:
             sid = str(star_row["spectrum_id"])
             row["file_spectrum_id"] = sid
-            if sid in self.known_spectrum_ids:
+            if self.known_spectrum_ids.get(sid) in self.unclaimed_stars:
+                index = self.known_spectrum_ids[sid]
+                self.unclaimed_stars.discard(index)
+                row["file_status"] = "ingested"
+                row["file_star_index"] = index
+                star_row = None
+            elif sid in self.known_spectrum_ids:
                 row["file_status"] = "seen_again"
                 row["file_star_index"] = self.known_spectrum_ids[sid]
                 row["file_reason"] = f"spectrum {sid} already in the store (row {self.known_spectrum_ids[sid]})"

@@ -394,6 +394,16 @@ class SurveyStoreWriter:
 
     def _truncate_to_committed(self) -> None:
         n_star, n_file = int(self.group.attrs["n_star"]), int(self.group.attrs["n_file"])
+        if n_file:
+            # A report row claiming a spectrum beyond the committed ones (the spectra lagged the
+            # report when a run was interrupted) and every row after it are not committed: their
+            # files are read again, so no spectrum is lost.
+            status = np.asarray(self.group["file_status"][:n_file], dtype=object)
+            index = np.asarray(self.group["file_star_index"][:n_file])
+            ahead = np.flatnonzero((status == "ingested") & (index >= n_star))
+            if ahead.size:
+                n_file = int(ahead[0])
+                self.group.attrs.update({"n_file": n_file})
         for name in list(PIXEL_VARIABLES) + list(STAR_VARIABLES):
             arr = self.group[name]
             if arr.shape[0] != n_star:

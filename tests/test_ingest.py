@@ -268,3 +268,25 @@ def test_resume_rereads_files_whose_spectra_were_not_committed(real_lamost_dir, 
     for name in a.data_vars:
         if name != "file_mtime_ns":
             assert np.asarray(a[name].values).tolist() == np.asarray(b[name].values).tolist(), name
+
+
+def test_commits_write_attributes_in_one_metadata_write(real_lamost_dir, tmp_path, monkeypatch):
+    """Regression: ``group.attrs.update({...})`` writes zarr.json once per key, so a kill
+    between the writes left n_star committed and n_file not (a lagging file report). Every
+    attribute write of the stores must go through one ``update_attributes`` call."""
+    from zarr.core.attributes import Attributes
+
+    def refuse(self, key, value):
+        raise AssertionError(f"attribute {key!r} written on its own (not atomic with the others)")
+
+    monkeypatch.setattr(Attributes, "__setitem__", refuse)
+    data = tmp_path / "spectra"
+    clone_real_spectra(real_lamost_dir / "dr1_original/spec-55862-B6212_sp06-099.fits", data, 20)
+    store = tmp_path / "atomic.zarr"
+    ingest(store, [data], chunk_stars=8, batch_size=4)
+    attrs = zarr.open_group(str(store), mode="r").attrs
+    assert attrs["n_star"] == attrs["n_file"] == 20
+    from lamost_mdwarf.stages.preprocess import run_preprocess
+
+    run_preprocess(store)  # a derived group's commits (n_star with its settings)
+    assert zarr.open_group(str(store / "preprocessed"), mode="r").attrs["n_star"] == 20

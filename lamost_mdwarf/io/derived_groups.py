@@ -113,7 +113,7 @@ def prepare_derived_group(
         if spec.name is None:
             for key in list(group.array_keys()):
                 del group[key]
-            group.attrs.update({"n_star": 0})
+            group.update_attributes({"n_star": 0})
         else:
             del root[spec.name]
             group = None
@@ -128,9 +128,9 @@ def prepare_derived_group(
             chunks = tuple(chunk_stars if d == "star" else sizes[d] for d in dims)
             group.create_array(var, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
                                dimension_names=dims, attributes=var_attrs)
-        group.attrs.update({"n_star": 0, "settings": fingerprint, **dict(attrs or {})})
+        group.update_attributes({"n_star": 0, "settings": fingerprint, **dict(attrs or {})})
     elif attrs:
-        group.attrs.update(dict(attrs))
+        group.update_attributes(dict(attrs))
     committed = int(group.attrs.get("n_star", 0))
     for var in spec.variables:
         arr = group[var]
@@ -165,7 +165,7 @@ def write_derived_rows(
             zarr_format=3, consolidated=False, align_chunks=True,
         )
     group = _get(_root(store, "r+"), name)
-    group.attrs.update({"n_star": int(stop), **(dict(extra_attrs) if extra_attrs else {})})
+    group.update_attributes({"n_star": int(stop), **(dict(extra_attrs) if extra_attrs else {})})
 
 
 def block_rows_for(chunk_stars: int, chunks_per_block: int, n_threads: int | None = None) -> int:

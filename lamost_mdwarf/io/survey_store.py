@@ -372,7 +372,7 @@ class SurveyStoreWriter:
                 name, shape=(0,), chunks=(file_chunk,), dtype=spec.dtype, fill_value=spec.fill,
                 dimension_names=("file",), attributes=spec.attrs(),
             )
-        group.attrs.update(
+        group.update_attributes(
             {
                 "format": STORE_FORMAT,
                 "format_version": STORE_FORMAT_VERSION,
@@ -403,7 +403,7 @@ class SurveyStoreWriter:
             ahead = np.flatnonzero((status == "ingested") & (index >= n_star))
             if ahead.size:
                 n_file = int(ahead[0])
-                self.group.attrs.update({"n_file": n_file})
+                self.group.update_attributes({"n_file": n_file})
         for name in list(PIXEL_VARIABLES) + list(STAR_VARIABLES):
             arr = self.group[name]
             if arr.shape[0] != n_star:
@@ -555,7 +555,7 @@ class SurveyStoreWriter:
                     arr.resize((fb,))
                 arr[fa:fb] = data
         self._n_buffered_stars -= n_stars
-        self.group.attrs.update({"n_star": b, "n_file": fb})
+        self.group.update_attributes({"n_star": b, "n_file": fb})
 
 
 def file_summary(ds: xr.Dataset) -> dict[str, int]:

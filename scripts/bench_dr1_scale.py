@@ -41,12 +41,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_accuracy import evaluate, load_comparison  # noqa: E402
-from bench_scaling import StageMemory, label_subset, worker_identity  # noqa: E402
+from bench_scaling import label_subset, measure_stages, store_bytes, worker_identity  # noqa: E402
 
 DR1_SPECTRA = 122_677
 FILES_PER_STAR = 1.13  # simulated objects are observed ~1.13 times on average
 TARGET_SECONDS = 600.0
-STAGES = ("ingest", "preprocess", "select", "train", "validate", "infer", "catalog", "figures")
 
 
 def simulated_files(survey_dir: Path) -> list[Path]:
@@ -110,19 +109,11 @@ def run_all_stages(client, files: list[Path], labels: Path, workdir: Path, figur
         "figures": lambda: make_figures(layout.store, layout.model, layout.results, layout.validation,
                                         layout.figures),
     }
-    out: dict[str, dict] = {}
-    for stage in STAGES:
-        if stage == "figures" and not figures:
-            continue
-        with StageMemory(client) as memory:
-            start = time.perf_counter()
-            calls[stage]()
-            seconds = time.perf_counter() - start
-        out[stage] = {"seconds": seconds, "worker_peak": memory.worker_peak, "client_peak": memory.client_peak,
-                      "exact_peak": memory.exact}
-        print(f"  {stage:<10} {seconds:8.1f} s  {len(files) / seconds:9.0f} spectra/s   worker peak "
-              f"{memory.worker_peak / 2**20:6.0f} MiB   client peak {memory.client_peak / 2**20:6.0f} MiB", flush=True)
-    return out
+    if not figures:
+        del calls["figures"]
+    return measure_stages(client, calls, lambda stage, r: print(
+        f"  {stage:<10} {r['seconds']:8.1f} s  {len(files) / r['seconds']:9.0f} spectra/s   worker peak "
+        f"{r['worker_peak'] / 2**20:6.0f} MiB   client peak {r['client_peak'] / 2**20:6.0f} MiB", flush=True))
 
 
 def accuracy_against_truth(results: Path, truth: Path) -> dict:
@@ -186,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     work = run_dir / "work"
     store = lamost_mdwarf.open_survey_store(work / "store.zarr")
     results = lamost_mdwarf.open_results(work / "results.zarr")
-    decoded = sum(int(store[name].nbytes) for name in ("flux", "ivar", "andmask", "ormask"))
+    decoded, store_disk = store_bytes(work / "store.zarr")
     n_star = int(store.sizes["star"])
     n_catalog = int((results["flags"].values == 0).sum())
     total = sum(s["seconds"] for s in stages.values())
-    sizes = {"store_decoded": decoded, "store_disk": tree_bytes(work / "store.zarr"),
+    sizes = {"store_decoded": decoded, "store_disk": store_disk,
              "model_disk": tree_bytes(work / "model.zarr"), "results_disk": tree_bytes(work / "results.zarr"),
              "catalog_fits": tree_bytes(work / "catalog.fits"), "input_fits": input_bytes}
     restarted = before != after

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -161,16 +160,26 @@ def run_stages(client, spectra: Path, labels: Path, workdir: Path, grid=None) ->
         "validate": lambda: run_validate(layout.store, layout.model, layout.validation),
         "infer": lambda: run_infer(layout.store, layout.model, layout.results, InferSettings()),
     }
+    return measure_stages(client, calls, lambda stage, r: print(
+        f"    {stage:<10} {r['seconds']:8.1f} s   worker peak {r['worker_peak'] / 2**20:7.0f} MiB   "
+        f"client peak {r['client_peak'] / 2**20:7.0f} MiB", flush=True))
+
+
+def measure_stages(client, calls: dict, report=None) -> dict[str, dict[str, float]]:
+    """Run ``calls`` (stage name -> no-argument callable) in order; seconds and peak memory of each.
+
+    ``report(stage, record)`` is called after each stage (e.g. to print it).
+    """
     out: dict[str, dict[str, float]] = {}
-    for stage in STAGES:
+    for stage, call in calls.items():
         with StageMemory(client) as memory:
             start = time.perf_counter()
-            calls[stage]()
+            call()
             seconds = time.perf_counter() - start
         out[stage] = {"seconds": seconds, "worker_peak": memory.worker_peak, "client_peak": memory.client_peak,
                       "exact_peak": memory.exact}
-        print(f"    {stage:<10} {seconds:8.1f} s   worker peak {memory.worker_peak / 2**20:7.0f} MiB   "
-              f"client peak {memory.client_peak / 2**20:7.0f} MiB", flush=True)
+        if report is not None:
+            report(stage, out[stage])
     return out
 
 
@@ -310,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sizes {', '.join(f'{n:,}' for n in sizes)}; add --with-100k for 100,000 stars "
               "(~8 GB of FITS files, ~20 min more on 2 idle cores)", file=sys.stderr)
 
-    from lamost_mdwarf.simulate.survey import SimulatedSurvey, simulate_survey  # noqa: F401
+    from lamost_mdwarf.simulate.survey import simulate_survey
 
     grid = None
     if args.grid:

@@ -39,8 +39,8 @@ _TFORM = re.compile(r"^\s*(\d*)\s*([EDJIKB])\s*$")
 _SCALING_PREFIXES = ("BSCALE", "BZERO", "BLANK", "TSCAL", "TZERO", "TNULL", "TDIM", "THEAP", "ZIMAGE", "GROUPS")
 
 
-def header_cards(data: bytes, offset: int) -> tuple[dict[str, str], int] | None:
-    """Raw value fields of the header starting at ``offset``, and where its data unit starts.
+def header_end(data: bytes, offset: int) -> int | None:
+    """Byte offset just past the last block of the header starting at ``offset``.
 
     Parameters
     ----------
@@ -51,10 +51,9 @@ def header_cards(data: bytes, offset: int) -> tuple[dict[str, str], int] | None:
 
     Returns
     -------
-    (dict, int) or None
-        ``{keyword: value field}`` for the first occurrence of each ``KEYWORD = value``
-        card, and the byte offset just past the header's last block; None when no valid
-        END card is found within :data:`MAX_HEADER_BLOCKS` blocks of ``offset``.
+    int or None
+        Where the header's data unit starts; None when no valid END card (``END`` and 77
+        blanks, on a card boundary) is found within :data:`MAX_HEADER_BLOCKS` blocks.
     """
     limit = min(len(data), offset + MAX_HEADER_BLOCKS * BLOCK)
     position = offset
@@ -63,18 +62,33 @@ def header_cards(data: bytes, offset: int) -> tuple[dict[str, str], int] | None:
         if found < 0:
             return None
         if (found - offset) % CARD == 0:
-            break
+            return offset + -(-(found + CARD - offset) // BLOCK) * BLOCK
         position = found + 1
-    text = data[offset:found].decode("ascii", errors="replace")
+
+
+def header_cards(data: bytes, offset: int) -> tuple[dict[str, str], int] | None:
+    """Raw value fields of the header starting at ``offset``, and where its data unit starts.
+
+    Returns
+    -------
+    (dict, int) or None
+        ``{keyword: value field}`` for the first occurrence of each ``KEYWORD = value``
+        card, and :func:`header_end`; None when the header has no valid END card.
+    """
+    end = header_end(data, offset)
+    if end is None:
+        return None
+    text = data[offset:end].decode("ascii", errors="replace")
     cards: dict[str, str] = {}
     for start in range(0, len(text), CARD):
         card = text[start:start + CARD]
+        if card.rstrip() == "END":
+            break
         if card[8:10] == "= ":
             keyword = card[:8].rstrip()
             if keyword not in cards:
                 cards[keyword] = card[10:]
-    end = found + CARD
-    return cards, offset + -(-(end - offset) // BLOCK) * BLOCK
+    return cards, end
 
 
 def _value(cards: dict[str, str], key: str) -> Any:

@@ -731,11 +731,10 @@ def _read_plain_file(path: Path, data: bytes, cards: dict[str, str]) -> LamostSp
     """
     if path.name.lower().startswith("med-"):
         return None
-    parsed = fits_fast.header_cards(data, 0)
-    if parsed is None:
+    data_start = fits_fast.header_end(data, 0)  # ``cards`` already holds the primary header's cards
+    if data_start is None:
         return None
-    structure, data_start = parsed
-    image = fits_fast.decode_primary_image(data, structure, data_start)
+    image = fits_fast.decode_primary_image(data, cards, data_start)
     if image is not None:
         if image.shape[0] < 2 or image.shape[1] > MAX_PIXELS:
             return None
@@ -744,7 +743,7 @@ def _read_plain_file(path: Path, data: bytes, cards: dict[str, str]) -> LamostSp
             return None  # astropy reports the corrupt row description
         layout, rows = _image_rows(_clean_str(header.get("EXTEN0")), image, path)
     else:
-        table = fits_fast.decode_single_row_table(data, structure, data_start, "COADD")
+        table = fits_fast.decode_single_row_table(data, cards, data_start, "COADD")
         if table is None or "FLUX" not in table or "IVAR" not in table:
             return None
         header = PrimaryHeaderValues(cards, _LazyHeader(data, data_start))

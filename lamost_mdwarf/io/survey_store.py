@@ -394,16 +394,6 @@ class SurveyStoreWriter:
 
     def _truncate_to_committed(self) -> None:
         n_star, n_file = int(self.group.attrs["n_star"]), int(self.group.attrs["n_file"])
-        if n_file:
-            # A report row claiming a spectrum beyond the committed ones (the spectra lagged the
-            # report when a run was interrupted) and every row after it are not committed: their
-            # files are read again, so no spectrum is lost.
-            status = np.asarray(self.group["file_status"][:n_file], dtype=object)
-            index = np.asarray(self.group["file_star_index"][:n_file])
-            ahead = np.flatnonzero((status == "ingested") & (index >= n_star))
-            if ahead.size:
-                n_file = int(ahead[0])
-                self.group.update_attributes({"n_file": n_file})
         for name in list(PIXEL_VARIABLES) + list(STAR_VARIABLES):
             arr = self.group[name]
             if arr.shape[0] != n_star:
@@ -417,16 +407,24 @@ class SurveyStoreWriter:
         ids = self.group["spectrum_id"][:n_star] if n_star else []
         self.known_spectrum_ids: dict[str, int] = {str(s): i for i, s in enumerate(ids)}
         claimed: set[int] = set()
+        self.known_files = {}
+        if n_file:
+            status = np.asarray(self.group["file_status"][:n_file], dtype=object)
+            index = np.asarray(self.group["file_star_index"][:n_file])
+            # A report row claiming a spectrum beyond the committed ones (the spectra lagged the
+            # report when a run was interrupted) and every row after it are not committed: their
+            # files are read again, so no spectrum is lost.
+            ahead = np.flatnonzero((status == "ingested") & (index >= n_star))
+            if ahead.size:
+                n_file = int(ahead[0])
+                self.group.update_attributes({"n_file": n_file})
+                status, index = status[:n_file], index[:n_file]
+            claimed = {int(i) for i in index[status == "ingested"]}
         if n_file:
             paths = self.group["file_path"][:n_file]
             sizes = self.group["file_size"][:n_file]
             mtimes = self.group["file_mtime_ns"][:n_file]
             self.known_files = {str(p): (int(s), int(m)) for p, s, m in zip(paths, sizes, mtimes)}
-            status = np.asarray(self.group["file_status"][:n_file], dtype=object)
-            index = np.asarray(self.group["file_star_index"][:n_file])
-            claimed = {int(i) for i in index[status == "ingested"]}
-        else:
-            self.known_files = {}
         #: Committed stars whose ingesting file has no committed report row (the report
         #: lagged the spectra when a run was interrupted): the file is re-read on resume and
         #: reclaims its star instead of being reported as seen again.

@@ -209,7 +209,7 @@ def fit_error_model(
     stars_per_bin: int | None = DEFAULT_STARS_PER_BIN,
     n_bins: int | None = None,
     snr_threshold: float = DEFAULT_SNR_THRESHOLD,
-    floor_method: Literal["quadratic_minimum", "threshold_value", "empirical"] = "quadratic_minimum",
+    floor_method: Literal["quadratic_minimum", "threshold_value", "empirical", "min_binned"] = "quadratic_minimum",
     unit: str = "",
 ) -> tuple[QuadraticErrorModel, BinnedScatter]:
     """Fit the quadratic error model with a floor to validation residuals of one label.
@@ -224,10 +224,11 @@ def fit_error_model(
         Binning, see :func:`binned_residual_scatter` (at least 3 bins are needed).
     snr_threshold : float
         SNR_lambda above which the floor applies.
-    floor_method : {"quadratic_minimum", "threshold_value", "empirical"}
+    floor_method : {"quadratic_minimum", "threshold_value", "empirical", "min_binned"}
         How the floor is derived (module docstring): the quadratic's minimum over
-        ``[lowest bin SNR, snr_threshold]`` (default), its value at the threshold, or
-        the residual standard deviation of the stars with SNR above the threshold.
+        ``[lowest bin SNR, snr_threshold]`` (default), its value at the threshold, the
+        residual standard deviation of the stars with SNR above the threshold, or the
+        smallest binned scatter.
     unit : str
         Label unit stored in the result.
 
@@ -262,9 +263,12 @@ def fit_error_model(
         if np.count_nonzero(above) < 2:
             raise ValueError(f"'empirical' floor needs >= 2 stars with SNR > {snr_threshold}")
         floor = float(res[above].std(ddof=1))
+    elif floor_method == "min_binned":
+        floor = float(np.min(bins.scatter))
     else:
         raise ValueError(
-            f"floor_method must be 'quadratic_minimum', 'threshold_value' or 'empirical', got {floor_method!r}"
+            "floor_method must be 'quadratic_minimum', 'threshold_value', 'empirical' or 'min_binned', "
+            f"got {floor_method!r}"
         )
     if not (np.isfinite(floor) and floor > 0):
         raise ValueError(f"the fitted error floor is {floor!r} (not > 0); try floor_method='empirical'")

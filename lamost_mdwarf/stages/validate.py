@@ -22,12 +22,7 @@ from lamost_mdwarf.errors import PipelineError
 from lamost_mdwarf.inference import infer_dataset, physical_labels
 from lamost_mdwarf.io.survey_store import open_survey_store
 from lamost_mdwarf.kernels.cannon_infer import InferenceStatus
-from lamost_mdwarf.kernels.error_model import (
-    DEFAULT_SNR_THRESHOLD,
-    QuadraticErrorModel,
-    binned_residual_scatter,
-    fit_error_model,
-)
+from lamost_mdwarf.kernels.error_model import DEFAULT_SNR_THRESHOLD, QuadraticErrorModel, fit_error_model
 from lamost_mdwarf.kernels.label_refinement import fit_catalog_anchor
 from lamost_mdwarf.kernels.uncertainty import (
     RepeatScale,
@@ -189,26 +184,20 @@ def _fit_error_model_with_fallback(residual: np.ndarray, snr: np.ndarray, stars_
 
     On small or noisy validation sets the quadratic through the binned scatter can dip
     below zero before the SNR threshold. The floor then falls back to ``"empirical"``
-    (the residual std above the threshold) and, with fewer than two such stars, to the
-    smallest binned scatter. Returns the model and the floor method actually used.
+    (the residual std above the threshold) and, with fewer than two such stars, to
+    ``"min_binned"`` (the smallest binned scatter). Returns the model and the floor
+    method actually used.
     """
-    try:
-        return fit_error_model(residual, snr, stars_per_bin=stars_per_bin, snr_threshold=snr_threshold,
-                               floor_method=floor_method, unit=unit)[0], floor_method
-    except ValueError as exc:
-        if "floor" not in str(exc):
-            raise PipelineError(f"cannot fit the SNR error model of {name}: {exc}") from None
-    try:
-        return fit_error_model(residual, snr, stars_per_bin=stars_per_bin, snr_threshold=snr_threshold,
-                               floor_method="empirical", unit=unit)[0], "empirical"
-    except ValueError:
-        pass
-    bins = binned_residual_scatter(residual, snr, stars_per_bin=stars_per_bin)
-    c2, c1, c0 = np.polyfit(bins.snr_mean, bins.scatter, 2)
-    floor = float(np.min(bins.scatter))
-    if not (np.isfinite(floor) and floor > 0):
-        raise PipelineError(f"cannot fit the SNR error model of {name}: binned residual scatter {bins.scatter}")
-    return QuadraticErrorModel(float(c0), float(c1), float(c2), floor, float(snr_threshold), unit), "min_binned"
+    error = ""
+    for method in dict.fromkeys((floor_method, "empirical", "min_binned")):
+        try:
+            return fit_error_model(residual, snr, stars_per_bin=stars_per_bin, snr_threshold=snr_threshold,
+                                   floor_method=method, unit=unit)[0], method
+        except ValueError as exc:
+            error = str(exc)
+            if "floor" not in error:
+                break
+    raise PipelineError(f"cannot fit the SNR error model of {name}: {error}")
 
 
 _FAILED = int(InferenceStatus.NON_FINITE | InferenceStatus.SINGULAR_HESSIAN | InferenceStatus.TOO_FEW_PIXELS)

@@ -26,6 +26,7 @@ from lamost_mdwarf.kernels.label_refinement import (
     PolynomialCalibration,
     apply_calibration,
     calibration_gradient,
+    calibration_variance,
     derived_label_uncertainty,
     label_starting_points,
 )
@@ -139,6 +140,9 @@ def physical_labels(
         (``error_formal``). When the model carries a ``teff_calibration`` (fitted by the
         validation stage on cross-validated labels), the reported Teff is that
         calibration of the model labels and its formal error the propagated covariance.
+        The calibrations' own uncertainty (their ``coefficient_covariance``, from the
+        catalog noise of the stars they were fitted on) is part of ``error``: it grows
+        where a star's labels lie at the edge of the calibrating stars.
     """
     labels = np.asarray(labels, dtype=np.float64)
     covariance = np.asarray(covariance, dtype=np.float64)
@@ -155,12 +159,17 @@ def physical_labels(
             value = apply_calibration(calibration, labels)
             grad = calibration_gradient(calibration, labels)
             formal = np.sqrt(np.maximum(np.einsum("nk,nkl,nl->n", grad, covariance, grad), 0.0))
-            out[name] = PhysicalLabel(value, np.hypot(formal_scale * formal, float(systematic.get(name, 0.0))), formal)
+            coefficient_cov = model.settings["teff_calibration"].get("coefficient_covariance")
+            regression = 0.0 if coefficient_cov is None else calibration_variance(calibration, coefficient_cov, labels)
+            error = np.sqrt((formal_scale * formal) ** 2 + float(systematic.get(name, 0.0)) ** 2 + regression)
+            out[name] = PhysicalLabel(value, error, formal)
         else:
             out[name] = PhysicalLabel(labels[:, j], np.sqrt(total[:, j, j]), np.sqrt(covariance[:, j, j]))
     for name, spec in (model.settings.get("derived_labels") or {}).items():
         calibration = PolynomialCalibration.from_dict(spec["calibration"])
-        value, error = derived_label_uncertainty(calibration, labels, total, float(spec["relative_intrinsic"]))
+        coefficient_cov = spec.get("coefficient_covariance")
+        value, error = derived_label_uncertainty(calibration, labels, total, float(spec["relative_intrinsic"]),
+                                                 None if coefficient_cov is None else np.asarray(coefficient_cov))
         _, formal = derived_label_uncertainty(calibration, labels, covariance, 0.0)
         out[name] = PhysicalLabel(value, error, formal)
     return out

@@ -11,7 +11,10 @@ results are compared with the simulator's truth:
   sample (``flags == 0``) restricted to single M0-M6 dwarfs (truth ``kind == m_dwarf``,
   not binary), per label and per SNR_lambda bin;
 * pull width: standard deviation of ``(result - truth) / reported error`` on the same
-  stars (1 = calibrated errors);
+  stars (1 = calibrated errors), per SNR_lambda bin and per true-Teff bin; for the
+  ``best`` mode also the range of the Teff pull width implied by the statistical
+  uncertainty of its systematic error term (``variance_error``, estimated from residuals
+  against catalog labels with 100-160 K errors: +-1 sigma of that variance);
 * completeness: among eligible spectra (passing the selection cuts, true M dwarfs of
   kind ``m_dwarf``, single), the fraction with finite positive labels, and the fraction
   in the quality sample (``flags == 0``);
@@ -41,6 +44,7 @@ import pandas as pd
 LABELS = ("teff", "radius", "mass", "luminosity")
 UNITS = {"teff": "K", "radius": "Rsun", "mass": "Msun", "luminosity": "Lsun"}
 SNR_BINS = ((50, 75), (75, 100), (100, 150), (150, 250), (250, np.inf))
+TEFF_BINS = ((2900, 3100), (3100, 3300), (3300, 3500), (3500, 3700), (3700, 3900), (3900, 4300))
 
 
 def robust_std(x: np.ndarray) -> float:
@@ -102,14 +106,51 @@ def evaluate(frame: pd.DataFrame) -> dict:
         entry = {"std": float(np.std(resid[sample], ddof=1)), "robust": robust_std(resid[sample]),
                  "bias": float(np.median(resid[sample])), "pull": float(np.std(pull[sample], ddof=1)),
                  "pull_robust": robust_std(pull[sample]), "bins": []}
-        for lo, hi in SNR_BINS:
-            in_bin = sample & (snr >= lo) & (snr < hi)
-            n = int(in_bin.sum())
-            entry["bins"].append({"lo": lo, "hi": hi, "n": n,
-                                  "std": float(np.std(resid[in_bin], ddof=1)) if n > 2 else float("nan"),
-                                  "pull": float(np.std(pull[in_bin], ddof=1)) if n > 2 else float("nan")})
+        entry["bins"] = _binned(resid, pull, sample, snr, SNR_BINS)
+        entry["teff_bins"] = _binned(resid, pull, sample, frame["true_teff"].to_numpy(float), TEFF_BINS)
         out["labels"][name] = entry
     return out
+
+
+def _binned(resid: np.ndarray, pull: np.ndarray, sample: np.ndarray, value: np.ndarray,
+            bins: tuple[tuple[float, float], ...]) -> list[dict]:
+    """Scatter and pull width of ``sample`` stars in bins of ``value``."""
+    out = []
+    for lo, hi in bins:
+        in_bin = sample & (value >= lo) & (value < hi)
+        n = int(in_bin.sum())
+        out.append({"lo": lo, "hi": hi, "n": n,
+                    "std": float(np.std(resid[in_bin], ddof=1)) if n > 2 else float("nan"),
+                    "pull": float(np.std(pull[in_bin], ddof=1)) if n > 2 else float("nan")})
+    return out
+
+
+def teff_pull_range(frame: pd.DataFrame, model_path: Path) -> dict | None:
+    """Teff pull width if the model's systematic variance were +-1 sigma of its estimate.
+
+    The ``best`` mode's systematic Teff term is estimated from residuals against catalog
+    labels whose errors (100-160 K) are several times the term itself; its variance is
+    uncertain by ``variance_error`` (K^2). Returns the pull widths with that variance
+    added to / removed from every star's reported variance (removal clipped at the
+    formal part), or ``None`` for models without the term.
+    """
+    from lamost_mdwarf.model import load_model
+
+    validation = load_model(model_path).settings.get("validation") or {}
+    fit = (validation.get("systematic") or {}).get("teff")
+    if fit is None:
+        return None
+    good = frame["flags"].to_numpy() == 0
+    single = (frame["kind"].to_numpy() == "m_dwarf") & ~frame["is_binary"].to_numpy()
+    sample = good & single
+    resid = (frame["teff"].to_numpy(float) - frame["true_teff"].to_numpy(float))[sample]
+    err2 = frame["teff_err"].to_numpy(float)[sample] ** 2
+    delta = float(fit["variance_error"])
+    removable = np.minimum(delta, float(fit["sigma"]) ** 2)
+    return {"sigma": float(fit["sigma"]), "variance_error": delta,
+            "pull": float(np.std(resid / np.sqrt(err2), ddof=1)),
+            "pull_if_lower": float(np.std(resid / np.sqrt(err2 - removable), ddof=1)),
+            "pull_if_higher": float(np.std(resid / np.sqrt(err2 + delta), ddof=1))}
 
 
 def pooled(frames: list[pd.DataFrame]) -> dict:
@@ -136,6 +177,19 @@ def format_tables(name: str, metrics: dict[str, dict]) -> str:
         for m in modes:
             cells = [f"{b['std']:.3g} / {b['pull']:.2f} ({b['n']})" for b in metrics[m]["labels"][label]["bins"]]
             lines.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Per true-Teff bin (scatter / pull width; n stars):", "",
+              "| label | mode | " + " | ".join(f"{lo}-{hi} K" for lo, hi in TEFF_BINS) + " |",
+              "|---|---|" + "---|" * len(TEFF_BINS)]
+    for label in LABELS:
+        for m in modes:
+            cells = [f"{b['std']:.3g} / {b['pull']:.2f} ({b['n']})" for b in metrics[m]["labels"][label]["teff_bins"]]
+            lines.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
+    for m in modes:
+        span = metrics[m].get("teff_pull_range")
+        if span:
+            lines += ["", f"{m}: systematic Teff term {span['sigma']:.1f} K, its variance uncertain by "
+                          f"+-{span['variance_error']:.0f} K^2 (catalog noise); Teff pull width {span['pull']:.2f}, "
+                          f"{span['pull_if_higher']:.2f}-{span['pull_if_lower']:.2f} within +-1 sigma of that term"]
     lines += ["", "| mode | eligible | finite labels | flags == 0 | quality sample | not M dwarfs (contamination) "
                   "| late M (true Teff) | binaries in quality sample |", "|---|---|---|---|---|---|---|---|"]
     for m in modes:
@@ -197,6 +251,7 @@ def main() -> None:
                 frame = load_comparison(path, args.out / f"survey_{seed}" / "truth.csv")
                 frames[mode].append(frame)
                 metrics[mode] = evaluate(frame)
+                metrics[mode]["teff_pull_range"] = teff_pull_range(frame, path.parent / "model.zarr")
             (args.out / f"metrics_{seed}.json").write_text(json.dumps(metrics, indent=1))
             text = format_tables(f"survey seed {seed} ({args.n_stars} stars)", metrics)
             report.append(text)

@@ -14,9 +14,15 @@ from lamost_mdwarf.kernels.cannon_infer import infer_labels, starting_points_fro
 from lamost_mdwarf.kernels.error_model import error_model_sigma, fit_error_model
 from lamost_mdwarf.kernels.label_refinement import (
     PolynomialCalibration,
+    anchor_coefficient_covariance,
     apply_calibration,
+    calibration_leverage,
+    calibration_variance,
+    derived_coefficient_covariance,
+    derived_label_uncertainty,
     fit_catalog_anchor,
     fit_derived_label,
+    quadratic_features,
 )
 from lamost_mdwarf.kernels.robust import robust_infer_labels
 from lamost_mdwarf.kernels.uncertainty import fit_systematic_variance, repeat_pair_scale, repeat_pairs
@@ -123,6 +129,66 @@ def test_derived_label_intrinsic_scatter_from_the_catalog_error_budget():
     e_radius = radius * np.sqrt((dlnr * e_teff) ** 2 + 0.03**2)  # 3 % intrinsic
     _, intrinsic = fit_derived_label(teff[:, None], radius, e_radius, teff, e_teff)
     assert abs(intrinsic - 0.03) < 0.003
+
+
+def test_anchor_coefficient_covariance_matches_refits_to_redrawn_catalogs():
+    """Brute force: refit the anchor to many redrawn catalogs; the prediction scatter at
+    fixed stars equals the propagated coefficient covariance (centre and edge alike)."""
+    rng = np.random.default_rng(11)
+    n = 600
+    x = np.column_stack([rng.normal(3400, 250, n), rng.normal(0, 1, n)])
+    truth = x[:, 0] + 30 * x[:, 1] + 20 * x[:, 1] ** 2
+    err = rng.uniform(100, 160, n)
+    probe = np.array([[3400.0, 0.0], [3900.0, 2.5], [2900.0, -2.5]])  # centre, two edges
+    predictions, variances = [], []
+    for _ in range(400):
+        catalog = truth + err * rng.standard_normal(n)
+        calibration, diagnostics = fit_catalog_anchor(x, catalog, err, degree=3)
+        predictions.append(apply_calibration(calibration, probe))
+        cov = anchor_coefficient_covariance(x, err, calibration, diagnostics)
+        variances.append(calibration_variance(calibration, cov, probe))
+    empirical = np.var(np.array(predictions), axis=0)
+    predicted = np.mean(np.array(variances), axis=0)
+    np.testing.assert_allclose(predicted, empirical, rtol=0.2)
+    assert predicted[1] > 3 * predicted[0]  # larger at the edge of the calibrating stars
+    # non-finite labels give NaN, not an error
+    assert np.isnan(calibration_variance(calibration, cov, np.array([[np.nan, 0.0]])))[0]
+
+
+def test_leverage_corrected_residuals_have_the_noise_variance():
+    """A fitted regression absorbs part of its stars' noise; dividing by sqrt(1 - h) undoes it."""
+    rng = np.random.default_rng(12)
+    n = 60  # few stars per coefficient: the absorption is large
+    x = np.column_stack([rng.normal(0, 1, n), rng.normal(0, 1, n)])
+    raw, corrected = [], []
+    for _ in range(300):
+        y = 2.0 + x[:, 0] + rng.standard_normal(n)
+        calibration, _ = fit_catalog_anchor(x, y, np.ones(n), degree=3, max_expansion=1.0)
+        r = y - apply_calibration(calibration, x)
+        raw.append(np.mean(r**2))
+        corrected.append(np.mean(r**2 / (1 - calibration_leverage(calibration, x))))
+    assert np.mean(raw) < 0.92  # 7 coefficients on 60 stars: ~12 % absorbed
+    assert abs(np.mean(corrected) - 1.0) < 0.03
+
+
+def test_derived_label_error_includes_its_regression_uncertainty():
+    rng = np.random.default_rng(13)
+    n = 400
+    labels = np.column_stack([rng.normal(3400, 250, n), rng.normal(0, 1, n)])
+    radius = 0.4 * (labels[:, 0] / 3400) ** 3
+    err = 0.03 * radius
+    observed = radius * np.exp(0.03 * rng.standard_normal(n))
+    calibration, _ = fit_derived_label(labels, observed, err, labels[:, 0], np.full(n, 120.0))
+    cov = derived_coefficient_covariance(labels, observed, err, calibration)
+    zero = np.zeros((n, 2, 2))
+    _, without = derived_label_uncertainty(calibration, labels, zero, 0.0)
+    value, with_cov = derived_label_uncertainty(calibration, labels, zero, 0.0, cov)
+    np.testing.assert_allclose(without, 0.0)
+    features = quadratic_features(labels, calibration.center, calibration.scale, calibration.degree)
+    expected = value * np.sqrt(np.einsum("ni,ij,nj->n", features, cov, features))
+    np.testing.assert_allclose(with_cov, expected, rtol=1e-10)
+    # ~ sqrt(C / N) x 3 % on average
+    assert 0.2 < np.mean(with_cov / value) / (0.03 * np.sqrt(features.shape[1] / n)) < 2.0
 
 
 # --- 2. robust inference -----------------------------------------------------------------

@@ -20,7 +20,7 @@ from lamost_mdwarf.errors import PipelineError
 from lamost_mdwarf.io.derived_groups import open_derived_group
 from lamost_mdwarf.io.survey_store import open_survey_store
 from lamost_mdwarf.kernels.cannon_design import DEFAULT_LABEL_NAMES, n_quadratic_terms
-from lamost_mdwarf.kernels.label_refinement import fit_derived_label
+from lamost_mdwarf.kernels.label_refinement import derived_coefficient_covariance, fit_derived_label
 from lamost_mdwarf.model import LABEL_UNITS, CannonModel, save_model
 from lamost_mdwarf.modes import DEFAULT_MODE, ModeSettings, get_mode
 from lamost_mdwarf.selection import SELECTION_BITS, SelectionConfig, subtype_number
@@ -193,7 +193,9 @@ def _train_latent(flux: xr.DataArray, ivar: xr.DataArray, catalog: np.ndarray, c
             continue
         calibration, intrinsic = fit_derived_label(refined.labels, catalog[:, j], catalog_err[:, j],
                                                    catalog[:, t], catalog_err[:, t])
+        covariance = derived_coefficient_covariance(refined.labels, catalog[:, j], catalog_err[:, j], calibration)
         derived[name] = {"calibration": calibration.to_dict(), "relative_intrinsic": intrinsic,
+                         "coefficient_covariance": covariance.tolist(),
                          "unit": LABEL_UNITS.get(name, "1"), "space": "log"}
         logger.info(f"derived label {name}: intrinsic scatter {100 * intrinsic:.2f}% (catalog error budget)")
     settings = {**settings, "label_refinement": refined.history, "derived_labels": derived,

@@ -6,8 +6,12 @@ the model. ``best`` mode (:func:`_validate_latent`): the training stars are pred
 k-fold out of fold (each by a model that did not see it) and the other validation stars
 by the model; the systematic Teff error is the maximum-likelihood / posterior-mean
 excess of the cross-validated residuals over the formal and catalog errors
-(:func:`lamost_mdwarf.kernels.uncertainty.fit_systematic_variance`), stored as a
+(:func:`lamost_mdwarf.kernels.uncertainty.fit_systematic_variance`; residuals
+leverage-corrected for the final Teff calibration fitted on the same stars), stored as a
 constant (SNR-independent) error model added in quadrature to the formal errors. The
+final Teff calibration's coefficient covariance (from the catalog noise) is stored too:
+each star's reported error adds its variance at the star's labels, largest at the edges
+of the calibrating stars. The
 per-star residuals are written to a small Zarr dataset for figures and checks.
 """
 from __future__ import annotations
@@ -23,7 +27,11 @@ from lamost_mdwarf.inference import infer_dataset, physical_labels
 from lamost_mdwarf.io.survey_store import open_survey_store
 from lamost_mdwarf.kernels.cannon_infer import InferenceStatus
 from lamost_mdwarf.kernels.error_model import DEFAULT_SNR_THRESHOLD, QuadraticErrorModel, fit_error_model
-from lamost_mdwarf.kernels.label_refinement import fit_catalog_anchor
+from lamost_mdwarf.kernels.label_refinement import (
+    anchor_coefficient_covariance,
+    calibration_leverage,
+    fit_catalog_anchor,
+)
 from lamost_mdwarf.kernels.uncertainty import (
     RepeatScale,
     SystematicFit,
@@ -242,11 +250,17 @@ def _validate_latent(store: str | os.PathLike, model: CannonModel, model_path: s
     # labels, de-shrunk): corrects the quadratic Cannon's compression at the ends of the Teff range
     calibration, anchor = fit_catalog_anchor(labels[in_fit], reference[in_fit, t], reference_err[in_fit, t],
                                              degree=TEFF_CALIBRATION_DEGREE)
+    # the calibration's own uncertainty (catalog noise of its ~N stars), reported per star
+    coefficient_cov = anchor_coefficient_covariance(labels[in_fit], reference_err[in_fit, t], calibration, anchor)
     model.settings = {**model.settings, "teff_calibration": {
         "calibration": calibration.to_dict(), "shrinkage": anchor.shrinkage,
-        "sigma_spectroscopic": anchor.sigma_spectroscopic, "n_stars": anchor.n_stars}}
+        "sigma_spectroscopic": anchor.sigma_spectroscopic, "n_stars": anchor.n_stars,
+        "coefficient_covariance": coefficient_cov.tolist()}}
     calibrated = physical_labels(model, labels, cov)["teff"]
     teff_resid = calibrated.value - reference[:, t]
+    # the calibration was fitted on these stars and absorbed part of their catalog noise:
+    # leverage-corrected residuals have the variance of an independent star's
+    teff_resid[in_fit] /= np.sqrt(1.0 - calibration_leverage(calibration, labels[in_fit]))
     formal_teff = formal_scale.scale * calibrated.error_formal
     systematic = fit_systematic_variance(teff_resid[in_fit], reference_err[in_fit, t], formal_teff[in_fit])
     physical = physical_labels(model, labels, cov, {"teff": systematic.sigma}, formal_scale.scale)

@@ -1,6 +1,7 @@
 """The batched test step: exact chi2, recovery, calibrated physical errors, multi-start."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -591,3 +592,200 @@ def _exact_hessians(stats, x):
     residual = np.einsum("ntu,nu->nt", stats.quadratic, _centred(x)) - stats.linear
     gauss_newton = np.einsum("ntk,ntu,nul->nkl", jac, stats.quadratic, jac)
     return gauss_newton + np.einsum("nt,tkl->nkl", residual, design_second_derivatives(x.shape[1]))
+
+
+# --- chi2 as a polynomial of degree 4 (the coefficients infer_labels computes) ------------
+
+
+def _random_problem(seed, n_labels, n_stars=6, n_pixels=150):
+    """Small random model and spectra with K labels (theta of order 0.05, SNR ~30-100)."""
+    from lamost_mdwarf.kernels.cannon_design import n_quadratic_terms
+
+    rng = np.random.default_rng(seed)
+    theta = rng.normal(scale=0.05, size=(n_pixels, n_quadratic_terms(n_labels)))
+    theta[:, 0] = 1.0
+    s2 = rng.uniform(0.0, 1e-4, n_pixels)
+    s2[::5] = 0.0
+    flux = 1.0 + 0.05 * rng.normal(size=(n_stars, n_pixels))
+    ivar = rng.uniform(1e3, 1e4, size=(n_stars, n_pixels))
+    ivar[:, ::11] = 1e-5
+    return theta, s2, flux, ivar
+
+
+@pytest.mark.parametrize("n_labels", [1, 2, 3, 4, 5])
+def test_polynomial_chi2_equals_direct_sum_over_pixels(n_labels):
+    from lamost_mdwarf.kernels.cannon_infer import _quartic_statistics
+    from lamost_mdwarf.kernels.cannon_quartic import chi2_quartic, coefficients_from_statistics, monomial_basis
+
+    theta, s2, flux, ivar = _random_problem(40 + n_labels, n_labels)
+    basis = monomial_basis(n_labels)
+    assert basis.counts == tuple(math.comb(n_labels + d, d) for d in range(5))  # monomials of degree <= d
+    direct_stats = _quartic_statistics(flux, ivar, theta, s2, 1e-4)
+    from_stats = coefficients_from_statistics(*sufficient_statistics(flux, ivar, theta, s2)[:3])
+    np.testing.assert_allclose(direct_stats.coefficients, from_stats, rtol=1e-10, atol=1e-10 * np.abs(from_stats).max())
+    rng = np.random.default_rng(7)
+    for scale in (0.0, 0.5, 2.0):
+        x = scale * rng.normal(size=(flux.shape[0], n_labels))
+        want = direct_chi2(flux, ivar, theta, s2, x)
+        np.testing.assert_allclose(chi2_quartic(direct_stats.coefficients, x), want, rtol=1e-9)
+        np.testing.assert_allclose(chi2_quartic(from_stats, x), want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("n_labels", [1, 2, 4])
+def test_polynomial_derivatives_match_finite_differences(n_labels):
+    from lamost_mdwarf.kernels.cannon_infer import (
+        _gradients_hessians,
+        _hessian_change,
+        _make_quartic,
+        _quartic_statistics,
+    )
+    from lamost_mdwarf.kernels.cannon_quartic import chi2_quartic, derivative_tensors
+
+    theta, s2, flux, ivar = _random_problem(50 + n_labels, n_labels)
+    coefficients = _quartic_statistics(flux, ivar, theta, s2, 1e-4).coefficients.copy()
+    quartic = _make_quartic(coefficients, n_labels)
+    gradient, hessian = derivative_tensors(coefficients, quartic.basis)
+    np.testing.assert_array_equal(quartic.gradient, gradient)  # the work-array version is the same
+    np.testing.assert_array_equal(quartic.hessian, hessian)
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(flux.shape[0], n_labels))
+    grad, hess_entries = _gradients_hessians(gradient, hessian, x, quartic.basis)
+    hess = hess_entries[:, quartic.basis.hessian_row]
+    h = 1e-4
+    eye = np.eye(n_labels)
+
+    def half_chi2(v):
+        return chi2_quartic(coefficients, v) / 2
+
+    numeric_grad = np.stack([(half_chi2(x + h * e) - half_chi2(x - h * e)) / (2 * h) for e in eye], axis=1)
+    np.testing.assert_allclose(grad, numeric_grad, rtol=1e-6, atol=1e-6 * np.abs(grad).max())
+    numeric_hess = np.stack(
+        [(_gradients_hessians(gradient, hessian, x + h * e, quartic.basis)[0]
+          - _gradients_hessians(gradient, hessian, x - h * e, quartic.basis)[0]) / (2 * h) for e in eye], axis=2
+    )
+    np.testing.assert_allclose(hess, numeric_hess, rtol=1e-6, atol=1e-6 * np.abs(hess).max())
+    np.testing.assert_allclose(hess, np.swapaxes(hess, 1, 2))
+    # Third derivative along p: d/dt H(x + t p), exact for the quartic.
+    p = rng.normal(size=x.shape)
+    change = _hessian_change(hessian, x, p.T, quartic.basis)
+    numeric = (_gradients_hessians(gradient, hessian, x + h * p, quartic.basis)[1]
+               - _gradients_hessians(gradient, hessian, x - h * p, quartic.basis)[1]) / (2 * h)
+    np.testing.assert_allclose(change, numeric, rtol=1e-6, atol=1e-6 * np.abs(change).max())
+
+
+def test_chi2_change_from_end_derivatives_is_exact():
+    from lamost_mdwarf.kernels.cannon_infer import (
+        _chi2_change,
+        _entries_t,
+        _gradients_hessians,
+        _make_quartic,
+        _quartic_statistics,
+    )
+    from lamost_mdwarf.kernels.cannon_quartic import chi2_quartic
+
+    theta, s2, flux, ivar = _random_problem(60, 4, n_stars=50)
+    coefficients = _quartic_statistics(flux, ivar, theta, s2, 1e-4).coefficients.copy()
+    quartic = _make_quartic(coefficients, 4)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 4))
+    step = rng.normal(scale=0.5, size=(50, 4)) * np.logspace(-6, 0, 50)[:, None]
+    g0, h0 = _gradients_hessians(quartic.gradient, quartic.hessian, x, quartic.basis)
+    g1, h1 = _gradients_hessians(quartic.gradient, quartic.hessian, x + step, quartic.basis)
+    got = _chi2_change(g0.T, _entries_t(h0, quartic.basis), g1.T, _entries_t(h1, quartic.basis), step.T)
+    want = chi2_quartic(coefficients, x + step) - chi2_quartic(coefficients, x)
+    scale = np.abs(chi2_quartic(coefficients, x))
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-12 * scale.max())
+
+
+def test_polynomial_statistics_fast_and_masked_blocks_agree(simulated):
+    # The same corrupt inputs as for sufficient_statistics: both paths give the reference.
+    from lamost_mdwarf.kernels.cannon_infer import _quartic_statistics
+    from lamost_mdwarf.kernels.cannon_quartic import coefficients_from_statistics
+
+    theta, s2, flux, ivar, _, _ = simulated
+    flux, ivar = flux[:150].copy(), ivar[:150].copy()
+    ivar[:, ::9] = 1e-5
+    flux[3, 10] = np.nan
+    flux[60, 11] = np.inf
+    ivar[61, 12] = np.nan
+    ivar[62, 13] = -1.0
+    ivar[63, 14] = np.inf
+    flux[100, 15], ivar[100, 15] = np.nan, 0.0
+    bad_theta = theta.copy()
+    bad_theta[7, 3] = np.nan
+    for model in (theta, bad_theta):
+        got = _quartic_statistics(flux, ivar, model, s2, 1e-4)
+        quadratic, linear, constant, n_good, bad = _masked_statistics(flux, ivar, model, s2)
+        want = coefficients_from_statistics(quadratic, linear, constant)
+        np.testing.assert_allclose(got.coefficients, want, rtol=1e-11, atol=1e-11 * np.abs(want).max())
+        np.testing.assert_array_equal(got.n_good_pixels, n_good)
+        np.testing.assert_array_equal(got.bad_input, bad)
+
+
+def test_polynomial_statistics_of_a_star_do_not_depend_on_its_chunk(simulated):
+    from lamost_mdwarf.kernels.cannon_infer import _quartic_statistics
+
+    theta, s2, flux, ivar, _, _ = simulated
+    everything = [np.array(field) for field in _quartic_statistics(flux[:130], ivar[:130], theta, s2, 1e-4)]
+    for part in (slice(3, 4), slice(0, 25), slice(7, 60), slice(47, 49), slice(100, 130)):
+        alone = _quartic_statistics(flux[part], ivar[part], theta, s2, 1e-4)
+        for got, want in zip(alone, everything):
+            np.testing.assert_array_equal(got, want[part])
+
+
+def test_infer_labels_equals_optimize_labels_on_sufficient_statistics(simulated, inferred):
+    # infer_labels computes the polynomial coefficients from the pixels; optimize_labels
+    # from Q, b, c: the same fits to round-off.
+    theta, s2, flux, ivar, _, starts = simulated
+    stats = sufficient_statistics(flux[:60], ivar[:60], theta, s2)
+    via_statistics = optimize_labels(stats, PIVOTS, SCALES, starts)
+    errors = np.sqrt(np.diagonal(inferred.covariance[:60], axis1=1, axis2=2))
+    assert np.all(np.abs(via_statistics.labels - inferred.labels[:60]) < 1e-6 * errors)
+    np.testing.assert_allclose(via_statistics.covariance, inferred.covariance[:60], rtol=1e-6)
+    np.testing.assert_allclose(via_statistics.chi2, inferred.chi2[:60], rtol=1e-10)
+    np.testing.assert_array_equal(via_statistics.status, inferred.status[:60])
+
+
+def test_infer_labels_of_a_star_do_not_depend_on_its_chunk(simulated, inferred):
+    theta, s2, flux, ivar, _, starts = simulated
+    for part in (slice(0, 1), slice(5, 18), slice(100, 180)):
+        alone = infer_labels(flux[part], ivar[part], theta, s2, PIVOTS, SCALES, starts)
+        for field in ("labels", "covariance", "chi2", "n_iterations", "status"):
+            np.testing.assert_array_equal(getattr(alone, field), getattr(inferred, field)[part])
+
+
+def test_gauss_newton_quadratic_on_demand_equals_statistics(simulated):
+    from lamost_mdwarf.kernels.cannon_infer import _QuadraticSource, _statistics
+
+    theta, s2, flux, ivar, _, _ = simulated
+    source = _QuadraticSource(pixels=(flux[:100], ivar[:100], theta, s2, 1e-4))
+    want = _statistics(flux[:100], ivar[:100], theta, s2, 1e-4, pivot_terms=False).quadratic
+    for stars in (np.array([5, 3, 5]), np.arange(100), np.array([], dtype=int)):
+        np.testing.assert_array_equal(source(stars), want[stars])
+
+
+def test_positive_definite_inverse_matches_eigenvalue_rule():
+    from lamost_mdwarf.kernels.cannon_infer import _positive_definite_inverse
+
+    rng = np.random.default_rng(12)
+    matrices = []
+    # Condition numbers on both sides of 1 / singular_rtol (= 1e12; 10^11.98: positive by the
+    # eigenvalues but not by the trace bound, so decided by eigvalsh), then indefinite.
+    for condition in (1.0, 1e4, 1e10, 10**11.9, 10**11.98, 10**12.1, 1e14, -1.0):
+        basis_vectors, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+        eigenvalues = np.array([1e6 / abs(condition), 1e4, 1e5, 1e6])
+        if condition < 0:
+            eigenvalues[0] = -5.0
+        matrices.append((basis_vectors * eigenvalues) @ basis_vectors.T)
+    matrices.append(np.full((4, 4), np.nan))
+    matrices = np.array(matrices)
+    matrices = 0.5 * (matrices + np.swapaxes(matrices, 1, 2))
+    positive, inverse_t = _positive_definite_inverse(np.ascontiguousarray(matrices.transpose(1, 2, 0)), 1e-12)
+    finite = np.all(np.isfinite(matrices), axis=(1, 2))
+    eig = np.linalg.eigvalsh(np.where(finite[:, None, None], matrices, np.eye(4)))
+    want = finite & (eig[:, 0] > 1e-12 * np.abs(eig[:, -1]))
+    np.testing.assert_array_equal(positive, want)
+    assert want.tolist() == [True, True, True, True, True, False, False, False, False]
+    inverse = np.moveaxis(inverse_t, -1, 0)
+    for n in np.flatnonzero(want):
+        np.testing.assert_allclose(inverse[n] @ matrices[n], np.eye(4), atol=1e-4)

@@ -158,6 +158,17 @@ def pooled(frames: list[pd.DataFrame]) -> dict:
     return evaluate(pd.concat(frames, ignore_index=True))
 
 
+def _binned_table(metrics: dict[str, dict], key: str, quantity: str, headers: list[str]) -> list[str]:
+    """Markdown rows: scatter / pull width (n stars) per bin ``metrics[mode]["labels"][label][key]``."""
+    lines = ["", f"Per {quantity} bin (scatter / pull width; n stars):", "",
+             "| label | mode | " + " | ".join(headers) + " |", "|---|---|" + "---|" * len(headers)]
+    for label in LABELS:
+        for m in metrics:
+            cells = [f"{b['std']:.3g} / {b['pull']:.2f} ({b['n']})" for b in metrics[m]["labels"][label][key]]
+            lines.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def format_tables(name: str, metrics: dict[str, dict]) -> str:
     """Markdown tables comparing modes for one survey (or the pooled surveys)."""
     modes = list(metrics)
@@ -170,20 +181,8 @@ def format_tables(name: str, metrics: dict[str, dict]) -> str:
             e = metrics[m]["labels"][label]
             row += [f"{e['std']:.4g}", f"{e['robust']:.4g}", f"{e['pull']:.2f}"]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Per SNR_lambda bin (scatter / pull width; n stars):", "",
-              "| label | mode | " + " | ".join(f"{lo}-{hi:g}" for lo, hi in SNR_BINS) + " |",
-              "|---|---|" + "---|" * len(SNR_BINS)]
-    for label in LABELS:
-        for m in modes:
-            cells = [f"{b['std']:.3g} / {b['pull']:.2f} ({b['n']})" for b in metrics[m]["labels"][label]["bins"]]
-            lines.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Per true-Teff bin (scatter / pull width; n stars):", "",
-              "| label | mode | " + " | ".join(f"{lo}-{hi} K" for lo, hi in TEFF_BINS) + " |",
-              "|---|---|" + "---|" * len(TEFF_BINS)]
-    for label in LABELS:
-        for m in modes:
-            cells = [f"{b['std']:.3g} / {b['pull']:.2f} ({b['n']})" for b in metrics[m]["labels"][label]["teff_bins"]]
-            lines.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
+    lines += _binned_table(metrics, "bins", "SNR_lambda", [f"{lo}-{hi:g}" for lo, hi in SNR_BINS])
+    lines += _binned_table(metrics, "teff_bins", "true-Teff", [f"{lo}-{hi} K" for lo, hi in TEFF_BINS])
     for m in modes:
         span = metrics[m].get("teff_pull_range")
         if span:

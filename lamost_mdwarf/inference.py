@@ -167,9 +167,8 @@ def physical_labels(
             out[name] = PhysicalLabel(labels[:, j], np.sqrt(total[:, j, j]), np.sqrt(covariance[:, j, j]))
     for name, spec in (model.settings.get("derived_labels") or {}).items():
         calibration = PolynomialCalibration.from_dict(spec["calibration"])
-        coefficient_cov = spec.get("coefficient_covariance")
         value, error = derived_label_uncertainty(calibration, labels, total, float(spec["relative_intrinsic"]),
-                                                 None if coefficient_cov is None else np.asarray(coefficient_cov))
+                                                 spec.get("coefficient_covariance"))
         _, formal = derived_label_uncertainty(calibration, labels, covariance, 0.0)
         out[name] = PhysicalLabel(value, error, formal)
     return out

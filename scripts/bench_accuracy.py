@@ -77,10 +77,16 @@ def load_comparison(results_path: Path, truth_path: Path) -> pd.DataFrame:
     return frame
 
 
+def quality_and_single(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Quality sample (``flags == 0``) and single M0-M6 dwarfs (truth), as boolean arrays."""
+    good = frame["flags"].to_numpy() == 0
+    single = (frame["kind"].to_numpy() == "m_dwarf") & ~frame["is_binary"].to_numpy()
+    return good, single
+
+
 def evaluate(frame: pd.DataFrame) -> dict:
     """Scatter, pulls, completeness and contamination of one results/truth table."""
-    good = frame["flags"].to_numpy() == 0
-    single_m = (frame["kind"].to_numpy() == "m_dwarf") & ~frame["is_binary"].to_numpy()
+    good, single_m = quality_and_single(frame)
     eligible = (frame["subset"].to_numpy() != "excluded") & single_m
     labels = frame[list(LABELS)].to_numpy(float)
     finite = np.all(np.isfinite(labels) & (labels > 0), axis=1)
@@ -140,8 +146,7 @@ def teff_pull_range(frame: pd.DataFrame, model_path: Path) -> dict | None:
     fit = (validation.get("systematic") or {}).get("teff")
     if fit is None:
         return None
-    good = frame["flags"].to_numpy() == 0
-    single = (frame["kind"].to_numpy() == "m_dwarf") & ~frame["is_binary"].to_numpy()
+    good, single = quality_and_single(frame)
     sample = good & single
     resid = (frame["teff"].to_numpy(float) - frame["true_teff"].to_numpy(float))[sample]
     err2 = frame["teff_err"].to_numpy(float)[sample] ** 2

@@ -230,19 +230,18 @@ def test_discover_files(tmp_path):
         discover_files([tmp_path / "nothing*.fits"])
 
 
-def test_resume_reclaims_stars_whose_file_report_lagged(real_lamost_dir, tmp_path):
-    """Committed spectra whose file-report rows were not committed (an interrupted run):
-    the resume re-reads those files and records them as ingested, not seen again, so the
-    store equals an uninterrupted one."""
+def _interrupted_after_24_of_40(real_lamost_dir, tmp_path):
+    """40 spectra, a reference store of all of them and a store of the first 24 (3 chunks)."""
     data = tmp_path / "spectra"
     clone_real_spectra(real_lamost_dir / "dr1_original/spec-55862-B6212_sp06-099.fits", data, 40)
-    reference, store = tmp_path / "ref.zarr", tmp_path / "lagged.zarr"
+    reference, store = tmp_path / "ref.zarr", tmp_path / "interrupted.zarr"
     ingest(reference, [data], chunk_stars=8, batch_size=4)
-    files = discover_files([data])
-    ingest(store, files[:24], chunk_stars=8, batch_size=4)
-    group = zarr.open_group(str(store), mode="r+")
-    assert group.attrs["n_star"] == 24 and group.attrs["n_file"] == 24
-    group.attrs.update({"n_file": 16})  # the report of the last 8 committed spectra is missing
+    ingest(store, discover_files([data])[:24], chunk_stars=8, batch_size=4)
+    return data, reference, store
+
+
+def _assert_resume_completes(data, store, reference):
+    """Resuming ingests the 24 missing files (none seen again) and equals the reference."""
     summary = ingest(store, [data], chunk_stars=8, batch_size=4)
     assert summary.counts["ingested"] == 24 and summary.counts["seen_again"] == 0
     a, b = open_survey_store(store), open_survey_store(reference)
@@ -250,24 +249,25 @@ def test_resume_reclaims_stars_whose_file_report_lagged(real_lamost_dir, tmp_pat
     for name in a.data_vars:
         if name != "file_mtime_ns":
             assert np.asarray(a[name].values).tolist() == np.asarray(b[name].values).tolist(), name
+
+
+def test_resume_reclaims_stars_whose_file_report_lagged(real_lamost_dir, tmp_path):
+    """Committed spectra whose file-report rows were not committed (an interrupted run):
+    the resume re-reads those files and records them as ingested, not seen again, so the
+    store equals an uninterrupted one."""
+    data, reference, store = _interrupted_after_24_of_40(real_lamost_dir, tmp_path)
+    group = zarr.open_group(str(store), mode="r+")
+    assert group.attrs["n_star"] == 24 and group.attrs["n_file"] == 24
+    group.attrs.update({"n_file": 16})  # the report of the last 8 committed spectra is missing
+    _assert_resume_completes(data, store, reference)
 
 
 def test_resume_rereads_files_whose_spectra_were_not_committed(real_lamost_dir, tmp_path):
     """The reverse lag: report rows for spectra beyond the committed ones are dropped on
     resume and their files read again, so no spectrum is lost."""
-    data = tmp_path / "spectra"
-    clone_real_spectra(real_lamost_dir / "dr1_original/spec-55862-B6212_sp06-099.fits", data, 40)
-    reference, store = tmp_path / "ref.zarr", tmp_path / "ahead.zarr"
-    ingest(reference, [data], chunk_stars=8, batch_size=4)
-    ingest(store, discover_files([data])[:24], chunk_stars=8, batch_size=4)
+    data, reference, store = _interrupted_after_24_of_40(real_lamost_dir, tmp_path)
     zarr.open_group(str(store), mode="r+").attrs.update({"n_star": 16})  # last chunk of spectra lost
-    summary = ingest(store, [data], chunk_stars=8, batch_size=4)
-    assert summary.counts["ingested"] == 24 and summary.counts["seen_again"] == 0
-    a, b = open_survey_store(store), open_survey_store(reference)
-    assert a.sizes == b.sizes
-    for name in a.data_vars:
-        if name != "file_mtime_ns":
-            assert np.asarray(a[name].values).tolist() == np.asarray(b[name].values).tolist(), name
+    _assert_resume_completes(data, store, reference)
 
 
 def test_commits_write_attributes_in_one_metadata_write(real_lamost_dir, tmp_path, monkeypatch):

@@ -420,7 +420,6 @@ class SurveyStoreWriter:
                 self.group.update_attributes({"n_file": n_file})
                 status, index = status[:n_file], index[:n_file]
             claimed = {int(i) for i in index[status == "ingested"]}
-        if n_file:
             paths = self.group["file_path"][:n_file]
             sizes = self.group["file_size"][:n_file]
             mtimes = self.group["file_mtime_ns"][:n_file]

@@ -100,6 +100,8 @@ from lamost_mdwarf.kernels.cannon_quartic import (
     MonomialBasis,
     chi2_quartic,
     coefficients_from_statistics,
+    derivative_tensors,
+    extended_rows,
     monomial_basis,
     monomial_values,
     pixel_columns,
@@ -777,26 +779,9 @@ class _Quartic(NamedTuple):
 
 
 def _make_quartic(coefficients: np.ndarray, n_labels: int) -> _Quartic:
-    """The quartic of a chunk with its derivative tensors (as
-    :func:`~lamost_mdwarf.kernels.cannon_quartic.derivative_tensors`, in reused work
-    arrays: row gathers of the transposed coefficients, then one row per star)."""
+    """The quartic of a chunk with its derivative tensors (in reused work arrays)."""
     basis = monomial_basis(n_labels)
-    n_stars, n_monomials = coefficients.shape
-    padded = _scratch("padded", (n_monomials + 1, n_stars))
-    padded[:-1] = coefficients.T
-    padded[-1] = 0.0
-    tensors = []
-    for name, source, factor in (
-        ("gradient", basis.gradient_source, basis.gradient_factor),
-        ("hessian", basis.hessian_source, basis.hessian_factor),
-    ):
-        gathered = _scratch(name + "_t", source.shape + (n_stars,))
-        np.take(padded, source, axis=0, out=gathered)
-        gathered *= factor[:, :, None]
-        tensor = _scratch(name, (n_stars,) + source.shape)
-        tensor[...] = gathered.transpose(2, 0, 1)
-        tensors.append(tensor)
-    return _Quartic(basis, coefficients, *tensors)
+    return _Quartic(basis, coefficients, *derivative_tensors(coefficients, basis, workspace=_scratch))
 
 
 def _optimize(
@@ -1011,13 +996,7 @@ def _gradients_hessians(gradient, hessian, x, basis) -> tuple[np.ndarray, np.nda
 def _hessian_change(hessian: np.ndarray, x: np.ndarray, step_t: np.ndarray, basis: MonomialBasis) -> np.ndarray:
     """``d/dt H(x + t p)`` at t = 0 for B points ``x`` (B, K) and steps ``p`` (K, B) (the
     third derivative of chi2/2 along ``p``, applied once): Hessian entries, (B, K(K+1)/2)."""
-    n_points, n_labels = x.shape
-    x_ext = np.empty((n_labels + 1, n_points))
-    x_ext[:n_labels] = x.T
-    x_ext[n_labels] = 1.0
-    p_ext = np.empty((n_labels + 1, n_points))
-    p_ext[:n_labels] = step_t
-    p_ext[n_labels] = 0.0
+    x_ext, p_ext = extended_rows(x.T, 1.0), extended_rows(step_t, 0.0)
     left, right = basis.pair_left, basis.pair_right
     derivative = np.take(x_ext, left, axis=0) * np.take(p_ext, right, axis=0)
     derivative += np.take(p_ext, left, axis=0) * np.take(x_ext, right, axis=0)

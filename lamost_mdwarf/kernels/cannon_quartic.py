@@ -42,13 +42,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lamost_mdwarf.kernels.cannon_design import n_quadratic_terms, quadratic_term_pairs
+from lamost_mdwarf.kernels.cannon_design import n_labels_from_terms, n_quadratic_terms, quadratic_term_pairs
 
 __all__ = [
     "MonomialBasis",
     "chi2_quartic",
     "coefficients_from_statistics",
     "derivative_tensors",
+    "extended_rows",
     "monomial_basis",
     "monomial_values",
     "pixel_columns",
@@ -120,8 +121,7 @@ def monomial_basis(n_labels: int) -> MonomialBasis:
     -------
     MonomialBasis
     """
-    if isinstance(n_labels, bool) or not isinstance(n_labels, (int, np.integer)) or n_labels < 1:
-        raise ValueError(f"the number of labels must be an integer >= 1, got {n_labels!r}")
+    pairs = quadratic_term_pairs(n_labels)  # (checks n_labels)
     n_labels = int(n_labels)
     one = n_labels  # index of the constant in x_ext
     factors = []  # (4,) sorted x_ext indices, the constant last
@@ -147,7 +147,6 @@ def monomial_basis(n_labels: int) -> MonomialBasis:
     half_left = np.array([monomial_of(_exponent(row[:2], n_labels)) for row in factors], dtype=np.intp)
     half_right = np.array([monomial_of(_exponent(row[2:], n_labels)) for row in factors], dtype=np.intp)
 
-    pairs = quadratic_term_pairs(n_labels)
     design_exponents = np.array([_exponent(p, n_labels) for p in pairs])
     design_monomial = np.array([monomial_of(e) for e in design_exponents], dtype=np.intp)
     n_terms = pairs.shape[0]
@@ -199,6 +198,19 @@ def _exponent(x_ext_indices, n_labels: int) -> np.ndarray:
     return exponent
 
 
+def extended_rows(rows: np.ndarray, last: float) -> np.ndarray:
+    """``rows`` (K, B) with a row of ``last`` appended: (K + 1, B), C-ordered.
+
+    ``x_ext`` of B points (``last = 1``, the constant of the design terms) or the
+    derivative of ``x_ext`` along steps (``last = 0``).
+    """
+    n_rows, n_points = rows.shape
+    out = np.empty((n_rows + 1, n_points))
+    out[:n_rows] = rows
+    out[n_rows] = last
+    return out
+
+
 def monomial_values(x: np.ndarray, basis: MonomialBasis, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The monomials of degree <= 2 and the first ``count`` monomials at B points.
 
@@ -225,10 +237,7 @@ def monomial_values(x: np.ndarray, basis: MonomialBasis, count: int) -> tuple[np
     transposed. Every value is a product of the same factors in the same order, whatever
     the number of points.
     """
-    n_points, n_labels = x.shape
-    x_ext = np.empty((n_labels + 1, n_points))
-    x_ext[:n_labels] = x.T
-    x_ext[n_labels] = 1.0
+    x_ext = extended_rows(x.T, 1.0)
     low = np.take(x_ext, basis.pair_left, axis=0) * np.take(x_ext, basis.pair_right, axis=0)
     values = np.take(low, basis.half_left[:count], axis=0) * np.take(low, basis.half_right[:count], axis=0)
     return np.ascontiguousarray(low.T), np.ascontiguousarray(values.T)
@@ -272,7 +281,7 @@ def coefficients_from_statistics(quadratic: np.ndarray, linear: np.ndarray, cons
         (N, M) coefficients, ``chi2(x) = sum_m C_m x^(e_m)``.
     """
     n_terms = linear.shape[1]
-    basis = monomial_basis(_labels_of_terms(n_terms))
+    basis = monomial_basis(n_labels_from_terms(n_terms))
     quadratic_map, linear_map = _statistics_maps(basis.n_labels)
     n_stars = linear.shape[0]
     # One small product per star (a product of the whole chunk would let BLAS choose its
@@ -281,15 +290,6 @@ def coefficients_from_statistics(quadratic: np.ndarray, linear: np.ndarray, cons
     coefficients = (flat @ quadratic_map)[:, 0, :] + (linear[:, None, :] @ linear_map)[:, 0, :]
     coefficients[:, 0] += constant
     return coefficients
-
-
-def _labels_of_terms(n_terms: int) -> int:
-    n_labels = 1
-    while n_quadratic_terms(n_labels) < n_terms:
-        n_labels += 1
-    if n_quadratic_terms(n_labels) != n_terms:
-        raise ValueError(f"{n_terms} is not the number of terms of a quadratic model")
-    return n_labels
 
 
 @functools.lru_cache(maxsize=8)
@@ -339,7 +339,8 @@ def pixel_columns(theta: np.ndarray, basis: MonomialBasis) -> tuple[np.ndarray, 
     return np.ascontiguousarray(quadratic_columns), linear_columns
 
 
-def derivative_tensors(coefficients: np.ndarray, basis: MonomialBasis) -> tuple[np.ndarray, np.ndarray]:
+def derivative_tensors(coefficients: np.ndarray, basis: MonomialBasis,
+                       workspace=None) -> tuple[np.ndarray, np.ndarray]:
     """Gradient and Hessian coefficient tensors of ``chi2 / 2`` (see the module docstring).
 
     Parameters
@@ -347,6 +348,10 @@ def derivative_tensors(coefficients: np.ndarray, basis: MonomialBasis) -> tuple[
     coefficients : numpy.ndarray
         (N, M) monomial coefficients of chi2.
     basis : MonomialBasis
+    workspace : callable, optional
+        ``workspace(name, shape)`` -> an uninitialised float64 array of that shape, for
+        the work and output arrays (e.g. per-thread buffers reused from call to call);
+        new arrays by default.
 
     Returns
     -------
@@ -355,11 +360,21 @@ def derivative_tensors(coefficients: np.ndarray, basis: MonomialBasis) -> tuple[
     hessian : numpy.ndarray
         (N, K(K+1)/2, counts[2]): ``H_kl(x) = hessian[:, r(k, l)] . mono_2(x)``.
     """
-    n_stars = coefficients.shape[0]
+    empty = workspace if workspace is not None else (lambda name, shape: np.empty(shape))
+    n_stars, n_monomials = coefficients.shape
     # Row gathers of the transposed coefficients (memory copies), then back to one row per star.
-    padded = np.empty((coefficients.shape[1] + 1, n_stars))
+    padded = empty("padded", (n_monomials + 1, n_stars))
     padded[:-1] = coefficients.T
     padded[-1] = 0.0
-    gradient = padded[basis.gradient_source] * basis.gradient_factor[:, :, None]
-    hessian = padded[basis.hessian_source] * basis.hessian_factor[:, :, None]
-    return np.ascontiguousarray(gradient.transpose(2, 0, 1)), np.ascontiguousarray(hessian.transpose(2, 0, 1))
+    tensors = []
+    for name, source, factor in (
+        ("gradient", basis.gradient_source, basis.gradient_factor),
+        ("hessian", basis.hessian_source, basis.hessian_factor),
+    ):
+        gathered = empty(name + "_t", source.shape + (n_stars,))
+        np.take(padded, source, axis=0, out=gathered)
+        gathered *= factor[:, :, None]
+        tensor = empty(name, (n_stars,) + source.shape)
+        tensor[...] = gathered.transpose(2, 0, 1)
+        tensors.append(tensor)
+    return tensors[0], tensors[1]

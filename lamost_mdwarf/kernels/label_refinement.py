@@ -396,7 +396,7 @@ def derived_coefficient_covariance(
     return np.linalg.pinv((features.T * weights) @ features)
 
 
-def calibration_variance(calibration: PolynomialCalibration, coefficient_covariance: np.ndarray,
+def calibration_variance(calibration: PolynomialCalibration, coefficient_covariance: np.ndarray | list,
                          x: np.ndarray) -> np.ndarray:
     """Variance of a calibration's prediction from the uncertainty of its coefficients.
 
@@ -702,7 +702,7 @@ def derived_label_uncertainty(
     model_labels: np.ndarray,
     covariance: np.ndarray,
     relative_intrinsic: float,
-    coefficient_covariance: np.ndarray | None = None,
+    coefficient_covariance: np.ndarray | list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Value and 1-sigma uncertainty of a derived label.
 
@@ -717,7 +717,7 @@ def derived_label_uncertainty(
         labels' units.
     relative_intrinsic : float
         Intrinsic scatter as a fraction of the derived label.
-    coefficient_covariance : numpy.ndarray, optional
+    coefficient_covariance : array_like, optional
         Shape (C, C): covariance of the regression's coefficients
         (:func:`derived_coefficient_covariance`); its variance at the star's labels is
         added (the regression's own uncertainty, largest at the edges of its training set).

@@ -30,8 +30,11 @@ Usage::
 
     python scripts/bench_accuracy.py --out /tmp/bench_acc2 --n-stars 4000 --seeds 101 202 303
     python scripts/error_budget.py --out /tmp/bench_acc2 --seeds 101 202 303
+    python scripts/error_budget.py --work /tmp/bench_dr1/run/work \
+        --truth /tmp/bench_dr1/survey-122677-seed1/truth.csv          # DR1-size run
 
-About 3 minutes per survey (ten fold models trained and applied).
+About 15 s per 4,000-star survey (ten fold models trained and applied), a few minutes
+for the DR1-size run (10,000 training stars, 10,000 of the new stars).
 """
 from __future__ import annotations
 
@@ -79,8 +82,12 @@ def fold_teff(flux: np.ndarray, ivar: np.ndarray, labels: np.ndarray, folds: np.
     return np.asarray(out)
 
 
-def survey_budget(out: Path, seed: int) -> dict:
-    """The error budget of one survey (see the module docstring)."""
+def survey_budget(work: Path, truth_path: Path, max_new: int = 10_000, seed: int = 0) -> dict:
+    """The error budget of one best-mode work directory (see the module docstring).
+
+    At most ``max_new`` new stars are used (a seeded random subset), which bounds the
+    time and memory on survey-size runs.
+    """
     import xarray as xr
 
     from lamost_mdwarf.inference import infer_dataset, physical_labels
@@ -91,8 +98,6 @@ def survey_budget(out: Path, seed: int) -> dict:
     from lamost_mdwarf.relations import radius_from_teff
     from lamost_mdwarf.stages.train import normalized_spectra
 
-    work = out / f"work_{seed}_best"
-    truth_path = out / f"survey_{seed}" / "truth.csv"
     model = load_model(work / "model.zarr")
     mode = mode_from_settings(model.settings)
     frame = load_comparison(work / "results.zarr", truth_path)
@@ -103,6 +108,10 @@ def survey_budget(out: Path, seed: int) -> dict:
     single = (frame["kind"].to_numpy() == "m_dwarf") & ~frame["is_binary"].to_numpy()
     new = single & (frame["snr_lambda"].to_numpy() >= 50) & np.isfinite(frame["teff"].to_numpy(float)) \
         & ~frame["spectrum_id"].isin(training).to_numpy()
+    if new.sum() > max_new:
+        keep = np.random.default_rng(seed).choice(np.flatnonzero(new), max_new, replace=False)
+        new = np.zeros_like(new)
+        new[keep] = True
     train_rows = np.array([position[str(s)] for s in model.training_ids])
     new_rows = np.array([position[s] for s in frame["spectrum_id"].to_numpy()[new]])
 
@@ -152,7 +161,7 @@ def survey_budget(out: Path, seed: int) -> dict:
     intrinsic = np.log(frame["true_radius"].to_numpy(float)[radius_new] / radius_from_teff(true_t))
     teff_driven = np.log(radius_from_teff(model_teff) / radius_from_teff(true_t))
     return {
-        "seed": seed, "n_new": int(new.sum()), "n_train": int(train_rows.size), "k": k,
+        "name": str(work), "n_new": int(new.sum()), "n_train": int(train_rows.size), "k": k,
         "rms_error": float(np.sqrt(np.mean(error**2))),
         "rms_formal": float(np.sqrt(np.mean(formal_var))), "rms_calibration": float(np.sqrt(np.mean(cal_var))),
         "rms_jackknife": float(np.sqrt(np.mean(jackknife))),
@@ -172,7 +181,7 @@ def survey_budget(out: Path, seed: int) -> dict:
 def format_budget(b: dict) -> str:
     """Human-readable lines of one survey's budget."""
     return "\n".join([
-        f"survey {b['seed']}: {b['n_new']} new single M dwarfs, {b['n_train']} training stars, {b['k']} fold models",
+        f"{b['name']}: {b['n_new']} new single M dwarfs, {b['n_train']} training stars, {b['k']} fold models",
         f"  true Teff error rms {b['rms_error']:.1f} K; terms (rms): formal x repeat scale {b['rms_formal']:.1f}, "
         f"calibration {b['rms_calibration']:.1f}, jackknife {b['rms_jackknife']:.1f}, "
         f"catalog-estimated systematic {b['systematic']:.1f} (variance +- {b['systematic_variance_error']:.0f} K^2)",
@@ -191,11 +200,20 @@ def format_budget(b: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory of a bench_accuracy.py run")
-    parser.add_argument("--seeds", type=int, nargs="+", required=True)
+    parser.add_argument("--out", type=Path, help="directory of a bench_accuracy.py run (with --seeds)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[])
+    parser.add_argument("--work", type=Path, help="or: one best-mode work directory (with --truth)")
+    parser.add_argument("--truth", type=Path, help="the simulator's truth.csv of --work's survey")
+    parser.add_argument("--max-new", type=int, default=10_000, help="at most this many new stars (random subset)")
     args = parser.parse_args()
-    for seed in args.seeds:
-        print(format_budget(survey_budget(args.out, seed)), flush=True)
+    if not (args.seeds or args.work) or (args.work is not None and args.truth is None) \
+            or (args.seeds and args.out is None):
+        parser.error("give --out with --seeds, or --work with --truth")
+    runs = [(args.out / f"work_{seed}_best", args.out / f"survey_{seed}" / "truth.csv") for seed in args.seeds]
+    if args.work is not None:
+        runs.append((args.work, args.truth))
+    for work, truth in runs:
+        print(format_budget(survey_budget(work, truth, args.max_new)), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ constant term that would make the width exactly 1, the true error of the
 cross-validated labels the systematic term is fitted on next to that of the new stars,
 and how much of the error the catalog cannot see: the rms left after regressing the
 true error on a cubic in true Teff with and without the true [Fe/H] and log g (not
-catalog labels). For R it prints the correlation between the Teff-driven part of the
+catalog labels), and how much of [Fe/H] and log g at fixed Teff the latent labels carry. For R it prints the correlation between the Teff-driven part of the
 error and the star's intrinsic deviation from the R-Teff relation (the reported R error
 adds the two in quadrature, i.e. assumes 0).
 
@@ -155,6 +155,16 @@ def survey_budget(work: Path, truth_path: Path, max_new: int = 10_000, seed: int
         coef = np.linalg.lstsq(design, error, rcond=None)[0]
         return float(np.sqrt(np.mean((error - design @ coef) ** 2)))
 
+    # how much of [Fe/H] and log g at fixed Teff the latent labels carry (R^2)
+    latent = labels[:, 1:]
+    pairs = [latent[:, i] * latent[:, j] for i in range(latent.shape[1]) for j in range(i, latent.shape[1])]
+    with_latent = np.column_stack([cubic, latent, *pairs, t[:, None] * latent])
+
+    def explained(y: np.ndarray) -> float:
+        base = y - cubic @ np.linalg.lstsq(cubic, y, rcond=None)[0]
+        rest = y - with_latent @ np.linalg.lstsq(with_latent, y, rcond=None)[0]
+        return float(1.0 - np.var(rest) / np.var(base))
+
     radius_new = new & np.isfinite(frame["radius"].to_numpy(float))
     model_teff = frame["teff"].to_numpy(float)[radius_new]
     true_t = frame["true_teff"].to_numpy(float)[radius_new]
@@ -174,6 +184,7 @@ def survey_budget(work: Path, truth_path: Path, max_new: int = 10_000, seed: int
         "cv_rms_error": float(np.sqrt(np.mean((cv_frame["cv"] - cv_frame["true_teff"]) ** 2))),
         "n_cv": int(len(cv_frame)),
         "left_after_teff": left_after(cubic), "left_after_feh_logg": left_after(physical),
+        "latent_r2_feh": explained(feh), "latent_r2_logg": explained(logg),
         "radius_teff_intrinsic_correlation": float(np.corrcoef(teff_driven, intrinsic)[0, 1]),
     }
 
@@ -193,6 +204,8 @@ def format_budget(b: dict) -> str:
         f"({b['n_cv']} stars) vs {b['rms_error']:.1f} K for new stars",
         f"  error rms left after a cubic in true Teff {b['left_after_teff']:.1f} K, after adding true [Fe/H] and "
         f"log g {b['left_after_feh_logg']:.1f} K (formal alone {b['rms_formal']:.1f} K)",
+        f"  latent labels at fixed true Teff explain {b['latent_r2_feh']:.2f} of the [Fe/H] variance and "
+        f"{b['latent_r2_logg']:.2f} of the log g variance",
         f"  R: correlation of the Teff-driven error with the intrinsic R deviation "
         f"{b['radius_teff_intrinsic_correlation']:+.2f} (the reported error assumes 0)",
     ])

@@ -82,29 +82,13 @@ def fold_teff(flux: np.ndarray, ivar: np.ndarray, labels: np.ndarray, folds: np.
     return np.asarray(out)
 
 
-def survey_budget(work: Path, truth_path: Path, max_new: int = 10_000, seed: int = 0) -> dict:
-    """The error budget of one best-mode work directory (see the module docstring).
+def select_new_stars(frame: pd.DataFrame, training_ids, max_new: int, seed: int = 0) -> np.ndarray:
+    """Boolean mask of the single M dwarfs outside the training set (SNR >= 50, finite Teff).
 
-    At most ``max_new`` new stars are used (a seeded random subset), which bounds the
-    time and memory on survey-size runs.
+    At most ``max_new`` of them (a seeded random subset), which bounds the time and memory
+    on survey-size runs.
     """
-    import xarray as xr
-
-    from lamost_mdwarf.inference import infer_dataset, physical_labels
-    from lamost_mdwarf.io.survey_store import open_survey_store
-    from lamost_mdwarf.kernels.label_refinement import PolynomialCalibration, calibration_variance, fold_assignments
-    from lamost_mdwarf.model import load_model
-    from lamost_mdwarf.modes import mode_from_settings
-    from lamost_mdwarf.relations import radius_from_teff
-    from lamost_mdwarf.stages.train import normalized_spectra
-
-    model = load_model(work / "model.zarr")
-    mode = mode_from_settings(model.settings)
-    frame = load_comparison(work / "results.zarr", truth_path)
-    truth = pd.read_csv(truth_path).drop_duplicates("spectrum_id").set_index("spectrum_id").loc[frame["spectrum_id"]]
-    ids = [str(x) for x in open_survey_store(work / "store.zarr")["spectrum_id"].values]
-    position = {sid: i for i, sid in enumerate(ids)}
-    training = set(str(x) for x in model.training_ids)
+    training = set(str(x) for x in training_ids)
     single = (frame["kind"].to_numpy() == "m_dwarf") & ~frame["is_binary"].to_numpy()
     new = single & (frame["snr_lambda"].to_numpy() >= 50) & np.isfinite(frame["teff"].to_numpy(float)) \
         & ~frame["spectrum_id"].isin(training).to_numpy()
@@ -112,9 +96,24 @@ def survey_budget(work: Path, truth_path: Path, max_new: int = 10_000, seed: int
         keep = np.random.default_rng(seed).choice(np.flatnonzero(new), max_new, replace=False)
         new = np.zeros_like(new)
         new[keep] = True
-    train_rows = np.array([position[str(s)] for s in model.training_ids])
-    new_rows = np.array([position[s] for s in frame["spectrum_id"].to_numpy()[new]])
+    return new
 
+
+def teff_terms(work: Path, model, new_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Per new star: model labels, calibrated Teff and the variance of each error term (K^2)."""
+    import xarray as xr
+
+    from lamost_mdwarf.inference import infer_dataset, physical_labels
+    from lamost_mdwarf.io.survey_store import open_survey_store
+    from lamost_mdwarf.kernels.label_refinement import PolynomialCalibration, calibration_variance, fold_assignments
+    from lamost_mdwarf.modes import mode_from_settings
+    from lamost_mdwarf.stages.train import normalized_spectra
+
+    mode = mode_from_settings(model.settings)
+    ids = [str(x) for x in open_survey_store(work / "store.zarr")["spectrum_id"].values]
+    position = {sid: i for i, sid in enumerate(ids)}
+    train_rows = np.array([position[str(s)] for s in model.training_ids])
+    new_rows = np.array([position[str(s)] for s in new_ids])
     flux_t, ivar_t = normalized_spectra(work / "store.zarr", train_rows)
     flux_n, ivar_n = normalized_spectra(work / "store.zarr", new_rows)
     flux = np.vstack([np.asarray(flux_t.values, float), np.asarray(flux_n.values, float)])
@@ -124,66 +123,86 @@ def survey_budget(work: Path, truth_path: Path, max_new: int = 10_000, seed: int
     per_fold = fold_teff(flux, ivar, model.training_labels, folds, new_rows, calibration, mode.clip_sigma,
                          mode.clip_rounds)
     k = per_fold.shape[0]
-    jackknife = (k - 1) / k * np.sum((per_fold - per_fold.mean(axis=0)) ** 2, axis=0)
 
     fit = infer_dataset(flux_n, ivar_n, xr.DataArray(np.ones(new_rows.size, bool), dims="star"), model,
                         clip_sigma=mode.clip_sigma, clip_grow=mode.clip_grow, clip_rounds=mode.clip_rounds).compute()
     labels = np.column_stack([fit[name].values for name in model.label_names])
-    validation = model.settings["validation"]
     no_systematic = physical_labels(model, labels, fit["covariance"].values, {"teff": 0.0},
-                                    validation["formal_scale"])["teff"]
-    coefficient_cov = model.settings["teff_calibration"]["coefficient_covariance"]
-    cal_var = calibration_variance(calibration, coefficient_cov, labels)
-    formal_var = no_systematic.error**2 - cal_var
-    true_teff = frame["true_teff"].to_numpy(float)[new]
-    error = no_systematic.value - true_teff
-    systematic = validation["systematic"]["teff"]
+                                    model.settings["validation"]["formal_scale"])["teff"]
+    calibration_var = calibration_variance(calibration, model.settings["teff_calibration"]["coefficient_covariance"],
+                                           labels)
+    return {"labels": labels, "teff": no_systematic.value, "n_folds": k, "n_train": train_rows.size,
+            "formal": no_systematic.error**2 - calibration_var, "calibration": calibration_var,
+            "jackknife": (k - 1) / k * np.sum((per_fold - per_fold.mean(axis=0)) ** 2, axis=0)}
+
+
+def cross_validated_error(work: Path, frame: pd.DataFrame) -> tuple[float, int]:
+    """True Teff error rms of the cross-validated labels of single M dwarfs, and their number."""
+    import xarray as xr
 
     cv = xr.open_zarr(work / "validation.zarr", consolidated=False)
-    cv_ids = [str(x) for x in cv["spectrum_id"].values]
-    cv_rows = np.asarray(cv["out_of_fold"].values) & np.asarray(cv["usable"].values)
-    cv_frame = pd.DataFrame({"spectrum_id": np.asarray(cv_ids)[cv_rows], "cv": cv["teff_model"].values[cv_rows]})
-    cv_frame = cv_frame.merge(frame[["spectrum_id", "true_teff"]][single], on="spectrum_id")
+    rows = np.asarray(cv["out_of_fold"].values) & np.asarray(cv["usable"].values)
+    ids = np.asarray([str(x) for x in cv["spectrum_id"].values])[rows]
+    single = (frame["kind"].to_numpy() == "m_dwarf") & ~frame["is_binary"].to_numpy()
+    table = pd.DataFrame({"spectrum_id": ids, "cv": cv["teff_model"].values[rows]}).merge(
+        frame[["spectrum_id", "true_teff"]][single], on="spectrum_id")
+    return float(np.sqrt(np.mean((table["cv"] - table["true_teff"]) ** 2))), int(len(table))
 
+
+def _residual(design: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``y`` minus its least-squares fit on ``design``."""
+    return y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+
+
+def survey_budget(work: Path, truth_path: Path, max_new: int = 10_000, seed: int = 0) -> dict:
+    """The error budget of one best-mode work directory (see the module docstring)."""
+    from lamost_mdwarf.model import load_model
+    from lamost_mdwarf.relations import radius_from_teff
+
+    model = load_model(work / "model.zarr")
+    frame = load_comparison(work / "results.zarr", truth_path)
+    truth = pd.read_csv(truth_path).drop_duplicates("spectrum_id").set_index("spectrum_id").loc[frame["spectrum_id"]]
+    new = select_new_stars(frame, model.training_ids, max_new, seed)
+    terms = teff_terms(work, model, frame["spectrum_id"].to_numpy()[new])
+    true_teff = frame["true_teff"].to_numpy(float)[new]
+    error = terms["teff"] - true_teff
+    base = terms["formal"] + terms["calibration"]
+    systematic = model.settings["validation"]["systematic"]["teff"]
+    cv_rms, n_cv = cross_validated_error(work, frame)
+
+    # what the catalog cannot see: the error's dependence on true [Fe/H] and log g, and how
+    # much of them (at fixed Teff) the latent labels carry
     t = (true_teff - 3400.0) / 300.0
     feh = truth["feh"].to_numpy(float)[new]
     logg = truth["logg"].to_numpy(float)[new]
     cubic = np.column_stack([np.ones_like(t), t, t * t, t**3])
     physical = np.column_stack([cubic, feh, feh * t, feh * feh, logg - float(np.mean(logg))])
-
-    def left_after(design: np.ndarray) -> float:
-        coef = np.linalg.lstsq(design, error, rcond=None)[0]
-        return float(np.sqrt(np.mean((error - design @ coef) ** 2)))
-
-    # how much of [Fe/H] and log g at fixed Teff the latent labels carry (R^2)
-    latent = labels[:, 1:]
-    pairs = [latent[:, i] * latent[:, j] for i in range(latent.shape[1]) for j in range(i, latent.shape[1])]
-    with_latent = np.column_stack([cubic, latent, *pairs, t[:, None] * latent])
+    latent = terms["labels"][:, 1:]
+    products = [latent[:, i] * latent[:, j] for i in range(latent.shape[1]) for j in range(i, latent.shape[1])]
+    with_latent = np.column_stack([cubic, latent, *products, t[:, None] * latent])
 
     def explained(y: np.ndarray) -> float:
-        base = y - cubic @ np.linalg.lstsq(cubic, y, rcond=None)[0]
-        rest = y - with_latent @ np.linalg.lstsq(with_latent, y, rcond=None)[0]
-        return float(1.0 - np.var(rest) / np.var(base))
+        return float(1.0 - np.var(_residual(with_latent, y)) / np.var(_residual(cubic, y)))
 
     radius_new = new & np.isfinite(frame["radius"].to_numpy(float))
-    model_teff = frame["teff"].to_numpy(float)[radius_new]
     true_t = frame["true_teff"].to_numpy(float)[radius_new]
     intrinsic = np.log(frame["true_radius"].to_numpy(float)[radius_new] / radius_from_teff(true_t))
-    teff_driven = np.log(radius_from_teff(model_teff) / radius_from_teff(true_t))
+    teff_driven = np.log(radius_from_teff(frame["teff"].to_numpy(float)[radius_new]) / radius_from_teff(true_t))
     return {
-        "name": str(work), "n_new": int(new.sum()), "n_train": int(train_rows.size), "k": k,
+        "name": str(work), "n_new": int(new.sum()), "n_train": int(terms["n_train"]), "k": terms["n_folds"],
         "rms_error": float(np.sqrt(np.mean(error**2))),
-        "rms_formal": float(np.sqrt(np.mean(formal_var))), "rms_calibration": float(np.sqrt(np.mean(cal_var))),
-        "rms_jackknife": float(np.sqrt(np.mean(jackknife))),
+        "rms_formal": float(np.sqrt(np.mean(terms["formal"]))),
+        "rms_calibration": float(np.sqrt(np.mean(terms["calibration"]))),
+        "rms_jackknife": float(np.sqrt(np.mean(terms["jackknife"]))),
         "systematic": float(systematic["sigma"]), "systematic_variance_error": float(systematic["variance_error"]),
-        "pull_formal_calibration": _pull(error, formal_var + cal_var),
-        "pull_with_jackknife": _pull(error, formal_var + cal_var + jackknife),
-        "pull_reported": _pull(error, formal_var + cal_var + systematic["sigma"] ** 2),
-        "needed_constant": constant_for_unit_pull(error, formal_var + cal_var),
-        "needed_beyond_jackknife": constant_for_unit_pull(error, formal_var + cal_var + jackknife),
-        "cv_rms_error": float(np.sqrt(np.mean((cv_frame["cv"] - cv_frame["true_teff"]) ** 2))),
-        "n_cv": int(len(cv_frame)),
-        "left_after_teff": left_after(cubic), "left_after_feh_logg": left_after(physical),
+        "pull_formal_calibration": _pull(error, base),
+        "pull_with_jackknife": _pull(error, base + terms["jackknife"]),
+        "pull_reported": _pull(error, base + systematic["sigma"] ** 2),
+        "needed_constant": constant_for_unit_pull(error, base),
+        "needed_beyond_jackknife": constant_for_unit_pull(error, base + terms["jackknife"]),
+        "cv_rms_error": cv_rms, "n_cv": n_cv,
+        "left_after_teff": float(np.sqrt(np.mean(_residual(cubic, error) ** 2))),
+        "left_after_feh_logg": float(np.sqrt(np.mean(_residual(physical, error) ** 2))),
         "latent_r2_feh": explained(feh), "latent_r2_logg": explained(logg),
         "radius_teff_intrinsic_correlation": float(np.corrcoef(teff_driven, intrinsic)[0, 1]),
     }

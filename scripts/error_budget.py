@@ -22,9 +22,10 @@ constant term that would make the width exactly 1, the true error of the
 cross-validated labels the systematic term is fitted on next to that of the new stars,
 and how much of the error the catalog cannot see: the rms left after regressing the
 true error on a cubic in true Teff with and without the true [Fe/H] and log g (not
-catalog labels), and how much of [Fe/H] and log g at fixed Teff the latent labels carry. For R it prints the correlation between the Teff-driven part of the
-error and the star's intrinsic deviation from the R-Teff relation (the reported R error
-adds the two in quadrature, i.e. assumes 0).
+catalog labels), and how much of [Fe/H] and log g at fixed Teff the latent labels carry.
+For R it prints the correlation between the Teff-driven part of the error and the
+star's intrinsic deviation from the R-Teff relation (the reported R error adds the two
+in quadrature, i.e. assumes 0).
 
 Usage::
 
@@ -47,7 +48,7 @@ import pandas as pd
 from scipy.optimize import brentq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_accuracy import load_comparison  # noqa: E402
+from bench_accuracy import load_comparison, quality_and_single  # noqa: E402
 
 
 def _pull(error: np.ndarray, variance: np.ndarray) -> float:
@@ -61,24 +62,25 @@ def constant_for_unit_pull(error: np.ndarray, variance: np.ndarray) -> float:
     return float(brentq(lambda s: _pull(error, variance + s * s) - 1.0, 0.0, 10.0 * float(np.std(error)) + 1.0))
 
 
-def fold_teff(flux: np.ndarray, ivar: np.ndarray, labels: np.ndarray, folds: np.ndarray, new: np.ndarray,
+def fold_teff(flux: np.ndarray, ivar: np.ndarray, labels: np.ndarray, folds: np.ndarray,
               calibration, clip_sigma: float, clip_rounds: int) -> np.ndarray:
     """(k, n_new) calibrated Teff of the new stars from each fold model.
 
-    ``flux``/``ivar`` hold the training stars then the new stars; each fold model is the
-    pipeline's own (:func:`~lamost_mdwarf.kernels.label_refinement.fold_out_of_sample`:
+    ``flux``/``ivar`` hold the training stars (``labels``, ``folds``) then the new stars;
+    each fold model is the pipeline's own (:func:`~lamost_mdwarf.kernels.label_refinement.fold_out_of_sample`:
     trained on the other folds), asked for its held-out fold and the new stars.
     """
     from lamost_mdwarf.kernels.label_refinement import apply_calibration, fold_out_of_sample
 
-    n_train = labels.shape[0]
-    padded = np.vstack([labels, np.repeat(labels[:1], new.size, axis=0)])  # never trained on
+    n_train, n_new = labels.shape[0], flux.shape[0] - labels.shape[0]
+    padded = np.vstack([labels, np.repeat(labels[:1], n_new, axis=0)])  # never trained on
+    fold_ids = np.unique(folds)
     out = []
-    for k in np.unique(folds):
-        test = np.concatenate([np.flatnonzero(folds == k), n_train + np.arange(new.size)])
+    for k in fold_ids:
+        test = np.concatenate([np.flatnonzero(folds == k), n_train + np.arange(n_new)])
         fit = fold_out_of_sample(flux, ivar, padded, test, clip_sigma=clip_sigma, clip_rounds=clip_rounds)
-        out.append(apply_calibration(calibration, fit.labels[-new.size:]))
-        print(f"  fold model {k + 1}/{np.unique(folds).size}", flush=True)
+        out.append(apply_calibration(calibration, fit.labels[-n_new:]))
+        print(f"  fold model {k + 1}/{fold_ids.size}", flush=True)
     return np.asarray(out)
 
 
@@ -89,7 +91,7 @@ def select_new_stars(frame: pd.DataFrame, training_ids, max_new: int, seed: int 
     on survey-size runs.
     """
     training = set(str(x) for x in training_ids)
-    single = (frame["kind"].to_numpy() == "m_dwarf") & ~frame["is_binary"].to_numpy()
+    single = quality_and_single(frame)[1]
     new = single & (frame["snr_lambda"].to_numpy() >= 50) & np.isfinite(frame["teff"].to_numpy(float)) \
         & ~frame["spectrum_id"].isin(training).to_numpy()
     if new.sum() > max_new:
@@ -115,13 +117,12 @@ def teff_terms(work: Path, model, new_ids: np.ndarray) -> dict[str, np.ndarray]:
     train_rows = np.array([position[str(s)] for s in model.training_ids])
     new_rows = np.array([position[str(s)] for s in new_ids])
     flux_t, ivar_t = normalized_spectra(work / "store.zarr", train_rows)
-    flux_n, ivar_n = normalized_spectra(work / "store.zarr", new_rows)
+    flux_n, ivar_n = (array.load() for array in normalized_spectra(work / "store.zarr", new_rows))  # read once
     flux = np.vstack([np.asarray(flux_t.values, float), np.asarray(flux_n.values, float)])
     ivar = np.vstack([np.asarray(ivar_t.values, float), np.asarray(ivar_n.values, float)])
     calibration = PolynomialCalibration.from_dict(model.settings["teff_calibration"]["calibration"])
     folds = fold_assignments(train_rows.size, mode.validation_folds, seed=mode.seed + 1000)  # as run_validate
-    per_fold = fold_teff(flux, ivar, model.training_labels, folds, new_rows, calibration, mode.clip_sigma,
-                         mode.clip_rounds)
+    per_fold = fold_teff(flux, ivar, model.training_labels, folds, calibration, mode.clip_sigma, mode.clip_rounds)
     k = per_fold.shape[0]
 
     fit = infer_dataset(flux_n, ivar_n, xr.DataArray(np.ones(new_rows.size, bool), dims="star"), model,
@@ -143,7 +144,7 @@ def cross_validated_error(work: Path, frame: pd.DataFrame) -> tuple[float, int]:
     cv = xr.open_zarr(work / "validation.zarr", consolidated=False)
     rows = np.asarray(cv["out_of_fold"].values) & np.asarray(cv["usable"].values)
     ids = np.asarray([str(x) for x in cv["spectrum_id"].values])[rows]
-    single = (frame["kind"].to_numpy() == "m_dwarf") & ~frame["is_binary"].to_numpy()
+    single = quality_and_single(frame)[1]
     table = pd.DataFrame({"spectrum_id": ids, "cv": cv["teff_model"].values[rows]}).merge(
         frame[["spectrum_id", "true_teff"]][single], on="spectrum_id")
     return float(np.sqrt(np.mean((table["cv"] - table["true_teff"]) ** 2))), int(len(table))
